@@ -1,0 +1,29 @@
+"""hf_prune: prune vision models from timm / transformers and publish them on the Hugging Face Hub.
+
+The public API is imported lazily so that ``import hf_prune`` stays cheap.
+"""
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "prune": "hf_prune.api",
+    "compact": "hf_prune.api",
+    "PruningError": "hf_prune.api",
+    "DependencyGraph": "hf_prune.graph",
+    "profile": "hf_prune.profile",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'hf_prune' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -1,0 +1,245 @@
+"""From a :class:`~hf_prune.graph.tracer.Trace` to prunable units and groups (DepGraph).
+
+* A **unit** is one coupled set (a union-find root): one channel of a residual stream, one hidden
+  channel of an MLP, one attention head, one group of a grouped convolution. Removing a unit
+  removes every slice of every tensor it touches.
+* A **member** is one dimension of one tensor, with the unit of each index along it.
+* A **group** is all units that touch the same members (for example the 768 channels of a ViT's
+  residual stream, or the 12 heads of one attention). Importance is normalised and rounding is
+  applied per group.
+
+:class:`DependencyGraph` also predicts parameters and MACs for any choice of kept units, which is
+what allocation searches over.
+"""
+from __future__ import annotations
+
+import math
+import string
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .labels import compress
+from .tracer import Trace, trace
+
+
+@dataclass
+class Member:
+    tensor: str
+    dim: int
+    units: torch.Tensor  # root per index along ``dim``
+
+
+@dataclass
+class Group:
+    """Units that touch the same tensor dimensions."""
+
+    index: int
+    units: torch.Tensor  # root ids
+    members: list  # indices into DependencyGraph.members
+    kind: str  # "channel", "head" or "block" (a unit spanning several channels)
+    modules: list = field(default_factory=list)  # attention modules owning heads (kind "head")
+
+    def __len__(self) -> int:
+        return self.units.numel()
+
+
+class DependencyGraph:
+    """Coupled units of a model, traced from ``example_inputs``."""
+
+    def __init__(self, model: nn.Module, example_inputs, *, ignored_layers=(), prune_stem=False):
+        self.model = model
+        self.trace: Trace = trace(model, example_inputs)
+        uf = self.trace.uf
+        self._resolve_elementwise()
+        self.roots = uf.find(torch.arange(uf.size))
+        self.members = self._members()
+        self.pinned = self._pinned(ignored_layers, prune_stem)
+        self.groups = self._groups()
+        self.tensor_shapes = {n: tuple(t.shape) for n, t in self._named_tensors().items()}
+        self.param_names = {n for n, _ in model.named_parameters()}
+        self._mac_plan = [self._plan_macs(r) for r in self.trace.macs]
+
+    # ------------------------------------------------------------------ construction
+    def _named_tensors(self) -> dict:
+        named = dict(self.model.named_parameters(remove_duplicate=False))
+        named.update(dict(self.model.named_buffers(remove_duplicate=False)))
+        return {n: named[n] for n in self.trace.params}
+
+    def _used(self) -> torch.Tensor:
+        roots = self.trace.uf.find(torch.arange(self.trace.uf.size))
+        counts = torch.bincount(roots, minlength=roots.numel())
+        used = counts[roots] > 1
+        used[0] = False
+        return used
+
+    def _resolve_elementwise(self) -> None:
+        """Decide along which dim element-labelled tensors (position embeddings, ...) are cut."""
+        uf, used = self.trace.uf, self._used()
+        self._elem_cut: dict[str, int | None] = {}
+        for name, lab in self.trace.params.items():
+            if lab.elem is None or (lab.dims and lab.elem is lab.dims[0]):
+                continue
+            if not bool(used[lab.elem].any()):
+                continue
+            roots = compress(uf.find(lab.elem))
+            varying = [d for d, n in enumerate(roots.shape) if n > 1]
+            if len(varying) != 1:
+                self.trace.pins.add(lab.elem, f"{name} is coupled in a way no slice can follow")
+                self._elem_cut[name] = None
+                continue
+            d = varying[0]
+            self._elem_cut[name] = d
+            dim_plane = lab.dims[d] if lab.dims else None
+            if dim_plane is not None and bool(used[dim_plane].any()):
+                uf.union(dim_plane, lab.elem)
+
+    def _members(self) -> list:
+        uf, used = self.trace.uf, self._used()
+        members = []
+        for name, lab in self.trace.params.items():
+            cut = self._elem_cut.get(name)
+            for d, plane in enumerate(lab.dims or []):
+                if plane is not None and bool(used[plane].any()):
+                    members.append(Member(name, d, uf.find(plane.reshape(-1))))
+                elif cut == d:
+                    roots = compress(uf.find(lab.elem))
+                    members.append(Member(name, d, roots.movedim(d, -1).reshape(-1, roots.shape[d])[0]))
+        return members
+
+    def _pinned(self, ignored_layers, prune_stem) -> torch.Tensor:
+        uf = self.trace.uf
+        pinned = torch.zeros(uf.size, dtype=torch.bool)
+        pinned[0] = True
+        for labels in self.trace.pins.labels:
+            pinned[uf.find(labels)] = True
+        touches: dict[int, set] = {}
+        for i, m in enumerate(self.members):
+            for r in torch.unique(m.units).tolist():
+                touches.setdefault(r, set()).add(i)
+        for r, ms in touches.items():
+            if len(ms) < 2:  # removing it would change one tensor and nothing that feeds or reads it
+                pinned[r] = True
+        ignored = {self._module_name(m) for m in ignored_layers}
+        if not prune_stem and self.trace.macs:
+            ignored.add(self._stem())
+        for m in self.members:
+            owner = m.tensor.rpartition(".")[0]
+            if m.dim == 0 and any(owner == n or owner.startswith(n + ".") for n in ignored if n):
+                pinned[m.units] = True
+        self._touches = touches
+        return pinned
+
+    def _module_name(self, layer) -> str:
+        if isinstance(layer, str):
+            return layer
+        for name, mod in self.model.named_modules():
+            if mod is layer:
+                return name
+        raise ValueError(f"ignored_layers: {type(layer).__name__} is not a submodule of the model")
+
+    def _stem(self) -> str:
+        """The module of the first convolution or matmul: its output channels stay by default."""
+        return self.trace.macs[0].module
+
+    def _groups(self) -> list:
+        lane_roots = {}
+        for rec in self.trace.lanes:
+            for r in torch.unique(self.trace.uf.find(rec.lanes)).tolist():
+                lane_roots.setdefault(r, set()).add(rec.module)
+        by_signature: dict[tuple, list] = {}
+        for r, ms in self._touches.items():
+            if not self.pinned[r]:
+                by_signature.setdefault(tuple(sorted(ms)), []).append(r)
+        groups = []
+        for sig, roots in sorted(by_signature.items(), key=lambda kv: min(kv[1])):
+            units = torch.tensor(sorted(roots))
+            if all(r in lane_roots for r in roots):
+                kind = "head"
+                modules = sorted({m for r in roots for m in lane_roots[r] if m})
+            else:
+                widths = [int((self.members[i].units == units[0]).sum()) for i in sig]
+                kind = "channel" if min(widths) == 1 else "block"
+                modules = []
+            groups.append(Group(len(groups), units, list(sig), kind, modules))
+        return groups
+
+    # ------------------------------------------------------------------ counting
+    def keep_mask(self, removed: torch.Tensor | None = None) -> torch.Tensor:
+        """Boolean per root: True if kept. ``removed`` is a tensor of unit roots."""
+        keep = torch.ones(self.trace.uf.size, dtype=torch.bool)
+        if removed is not None and removed.numel():
+            keep[removed] = False
+        return keep
+
+    def kept_indices(self, member: Member, keep: torch.Tensor) -> torch.Tensor:
+        return torch.nonzero(keep[member.units]).reshape(-1)
+
+    def _plan_macs(self, rec):
+        letters = iter(string.ascii_letters)
+        axes = {}
+        operands, subs = [], []
+        for f in rec.factors:
+            roots = compress(self.trace.uf.find(f))
+            if roots.numel() == 1:
+                operands.append(roots.reshape(()))
+                subs.append("")
+                continue
+            sub = ""
+            for d, n in enumerate(roots.shape):
+                if n > 1:
+                    axes.setdefault(d, next(letters))
+                    sub += axes[d]
+            operands.append(roots.squeeze())
+            subs.append(sub)
+        free = math.prod(n for d, n in enumerate(rec.shape) if d not in axes)
+        return rec.const * free, operands, ",".join(subs) + "->"
+
+    def macs(self, keep: torch.Tensor | None = None) -> int:
+        total = 0
+        for scale, operands, eq in self._mac_plan:
+            if keep is None:
+                total += scale * _dense_count(operands, eq)
+                continue
+            scalars = [bool(keep[o]) for o in operands if o.dim() == 0]
+            if not all(scalars):
+                continue
+            tensors = [keep[o].double() for o in operands if o.dim()]
+            subs = [s for s, o in zip(eq[:-2].split(","), operands) if o.dim()]
+            total += scale * (float(torch.einsum(",".join(subs) + "->", *tensors)) if tensors else 1.0)
+        return int(round(total))
+
+    def params(self, keep: torch.Tensor | None = None, *, only_prunable=False) -> int:
+        by_tensor: dict[str, list] = {}
+        for m in self.members:
+            by_tensor.setdefault(m.tensor, []).append(m)
+        total = 0
+        for name, shape in self.tensor_shapes.items():
+            if name not in self.param_names:
+                continue
+            ms = by_tensor.get(name, [])
+            if only_prunable and not any(bool((~self.pinned[m.units]).any()) for m in ms):
+                continue
+            n = math.prod(shape)
+            for m in ms:
+                if keep is not None:
+                    n = n * int(keep[m.units].sum()) // shape[m.dim]
+            total += n
+        return total
+
+    def summary(self) -> str:
+        kinds = {}
+        for g in self.groups:
+            kinds[g.kind] = kinds.get(g.kind, 0) + 1
+        return (f"{len(self.groups)} prunable groups ({kinds}), {sum(len(g) for g in self.groups)} units, "
+                f"{len(self.members)} coupled tensor dims, {len(self.trace.unknown)} ops without a rule")
+
+
+def _dense_count(operands, eq) -> float:
+    ins = eq.split("->")[0].split(",")
+    sizes = {}
+    for o, sub in zip(operands, ins):
+        for letter, n in zip(sub, o.shape):
+            sizes[letter] = n
+    return float(math.prod(sizes.values()))

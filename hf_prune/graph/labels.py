@@ -1,0 +1,138 @@
+"""Channel labels and the union-find that couples them.
+
+Every element position of every tensor seen during tracing carries an integer *label*: the identity
+of the channel (or head, or group) it belongs to. Label 0 means "no channel identity" (batch,
+spatial and token positions, constants). Two labels that must be pruned together are united in a
+vectorised union-find, so a label's root names its coupled set.
+
+A tensor's labels are kept as *planes*: int64 tensors broadcastable to the tensor's shape and
+compressed to size 1 along every dimension where they do not vary, which keeps tracing cheap.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+_I64 = torch.int64
+
+
+class UnionFind:
+    """Vectorised union-find over non-negative integer labels (0 is a fixed, isolated label)."""
+
+    def __init__(self, capacity: int = 1 << 16):
+        self.parent = torch.arange(capacity, dtype=_I64)
+        self.size = 1  # label 0 is reserved
+
+    def fresh(self, n: int) -> torch.Tensor:
+        """Allocate ``n`` new labels, each in a set of its own."""
+        start = self.size
+        need = start + n
+        if need > self.parent.numel():
+            cap = max(need, 2 * self.parent.numel())
+            grown = torch.arange(cap, dtype=_I64)
+            grown[: self.parent.numel()] = self.parent
+            self.parent = grown
+        self.size = need
+        return torch.arange(start, need, dtype=_I64)
+
+    def find(self, labels: torch.Tensor) -> torch.Tensor:
+        parent = self.parent
+        roots = labels
+        while True:
+            up = parent[roots]
+            if torch.equal(up, roots):
+                return up
+            parent[roots] = parent[up]  # path halving keeps later finds short
+            roots = up
+
+    def union(self, a: torch.Tensor, b: torch.Tensor) -> None:
+        """Unite labels elementwise after broadcasting; pairs with a 0 on either side are skipped."""
+        a, b = torch.broadcast_tensors(a, b)
+        a, b = a.reshape(-1), b.reshape(-1)
+        keep = (a != 0) & (b != 0) & (a != b)
+        if not bool(keep.any()):
+            return
+        a, b = a[keep], b[keep]
+        if a.numel() > 64:
+            # unique pairs through a single int64 key (labels stay far below 2**31)
+            key = torch.unique(a * (1 << 31) + b)
+            a, b = key // (1 << 31), key % (1 << 31)
+        while a.numel():
+            ra, rb = self.find(a), self.find(b)
+            differ = ra != rb
+            if not bool(differ.any()):
+                return
+            ra, rb, a, b = ra[differ], rb[differ], a[differ], b[differ]
+            # Each root links to the smallest root it meets this round; chains resolve next round.
+            self.parent.scatter_reduce_(0, torch.maximum(ra, rb), torch.minimum(ra, rb), reduce="amin")
+
+    def union_all(self, labels: torch.Tensor) -> None:
+        """Unite every non-zero label in ``labels`` into one set."""
+        flat = labels.reshape(-1)
+        flat = flat[flat != 0]
+        if flat.numel() > 1:
+            self.union(flat[:1].expand_as(flat), flat)
+
+
+def compress(plane: torch.Tensor) -> torch.Tensor:
+    """Shrink a label plane to size 1 along every dimension where its values do not vary."""
+    for d in range(plane.dim()):
+        if plane.shape[d] > 1:
+            first = plane.narrow(d, 0, 1)
+            if bool((plane == first).all()):
+                plane = first
+    return plane
+
+
+def varying_dims(plane: torch.Tensor) -> set[int]:
+    return {d for d, n in enumerate(plane.shape) if n > 1}
+
+
+def zeros_plane(ndim: int) -> torch.Tensor:
+    return torch.zeros((1,) * ndim, dtype=_I64)
+
+
+@dataclass
+class Labels:
+    """Labels of one traced tensor.
+
+    ``elem`` labels each element (activations, and small parameters used element-wise such as
+    position embeddings). ``dims`` exists for tensors derived from a parameter: ``dims[i]`` labels
+    the parameter's original dimension ``i`` as it has moved through views, so a weight consumed by
+    a matmul or convolution still knows which of its dimensions are rows and which are columns.
+    """
+
+    elem: torch.Tensor | None
+    dims: list[torch.Tensor | None] | None = None
+    source: str | None = None  # parameter name this tensor derives from
+
+    @property
+    def is_param(self) -> bool:
+        return self.dims is not None
+
+    def planes(self) -> list[torch.Tensor | None]:
+        return [self.elem] + (list(self.dims) if self.dims is not None else [])
+
+    @staticmethod
+    def from_planes(planes: list, like: "Labels") -> "Labels":
+        if like.dims is None:
+            return Labels(planes[0])
+        return Labels(planes[0], list(planes[1:]), like.source)
+
+
+@dataclass
+class Pins:
+    """Labels that must never be pruned, with the reason for each batch (for error messages)."""
+
+    labels: list[torch.Tensor] = field(default_factory=list)
+    reasons: list[str] = field(default_factory=list)
+
+    def add(self, labels: torch.Tensor | None, reason: str) -> None:
+        if labels is None:
+            return
+        flat = labels.reshape(-1)
+        flat = flat[flat != 0]
+        if flat.numel():
+            self.labels.append(torch.unique(flat))
+            self.reasons.append(reason)
