@@ -13,7 +13,7 @@ _EXPORTS = {
     "compact": "hf_prune.api",
     "PruningError": "hf_prune.api",
     "DependencyGraph": "hf_prune.graph",
-    "profile": "hf_prune.profile",
+    "profile": "hf_prune.profiling",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -6,6 +6,8 @@ is restored exactly and a :class:`PruningError` says what went wrong and what to
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
@@ -16,6 +18,7 @@ from .masks import StructuredMask, get_mask, set_mask
 from .surgery import compact_units
 
 STRUCTURED_METHODS = ("depgraph",)
+MAX_REPAIRS = 4
 
 
 class PruningError(RuntimeError):
@@ -23,14 +26,34 @@ class PruningError(RuntimeError):
 
 
 def _run(model: nn.Module, example_inputs):
+    """Run the model; on failure raise :class:`_BrokenForward` naming the innermost failing module."""
     args, kwargs = split_inputs(example_inputs)
+    stack: list[str] = []
+    names = {id(m): n for n, m in model.named_modules()}
+
+    def push(module, _):
+        stack.append(names.get(id(module), ""))
+
+    def pop(module, _, __):
+        stack.pop()  # not reached when the module raises, so the culprit stays on top
+
+    handles = [nn.modules.module.register_module_forward_pre_hook(push),
+               nn.modules.module.register_module_forward_hook(pop)]
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
             return model(*args, **kwargs)
+    except Exception as exc:
+        raise _BrokenForward(stack[-1] if stack else "") from exc
     finally:
+        for h in handles:
+            h.remove()
         model.train(was_training)
+
+
+class _BrokenForward(Exception):
+    """The pruned model did not run (the model has been restored); ``args[0]`` names the module."""
 
 
 def build_graph(model: nn.Module, example_inputs, **options) -> DependencyGraph:
@@ -100,32 +123,59 @@ def prune(model: nn.Module, method: str = "depgraph", *, example_inputs=None, sp
     if get_mask(model) is not None:
         raise PruningError("this model already carries masks from an earlier prune(..., compact=False); "
                            "call hf_prune.compact(model) first")
-    graph = build_graph(model, example_inputs, ignored_layers=ignored_layers, prune_stem=prune_stem)
     if importance == "taylor":
         _taylor_gradients(model, calib, loss_fn)
+    options = dict(ignored_layers=ignored_layers, prune_stem=prune_stem)
+    target = dict(sparsity=sparsity, target_macs=target_macs, mode=mode, round_to=round_to)
+    frozen: list[str] = []
+    repairs = 0
+    for _ in range(MAX_REPAIRS + 1):
+        try:
+            return _prune_once(model, example_inputs, importance, dict(options, frozen_modules=frozen),
+                               target, compact)
+        except _BrokenForward as exc:
+            # A layer read a width the trace cannot see (e.g. head size as C // num_heads, or equal
+            # chunks of a split). Keep every layer of that class whole and try again.
+            culprit = exc.args[0]
+            if culprit in frozen or repairs == MAX_REPAIRS:
+                raise PruningError(f"pruning failed and the model was restored: {exc.__cause__!r} in "
+                                   f"module '{culprit}'. That layer reads a width the trace cannot see; "
+                                   "pass it in ignored_layers or use a smaller target.") from exc.__cause__
+            warnings.warn(f"pruning '{culprit}' broke the forward pass ({exc.__cause__!r}); "
+                          "keeping that layer whole and retrying", stacklevel=2)
+            kind = type(model.get_submodule(culprit))
+            frozen.extend(n for n, m in model.named_modules() if type(m) is kind)
+            repairs += 1
+    raise AssertionError("unreachable")
+
+
+def _prune_once(model, example_inputs, importance, options, target, compact):
+    graph = build_graph(model, example_inputs, **options)
     try:
         scores = unit_scores(graph, importance)
-        removed = allocate(graph, scores, normalized_scores(graph, scores), sparsity=sparsity,
-                           target_macs=target_macs, mode=mode, round_to=round_to)
+        removed = allocate(graph, scores, normalized_scores(graph, scores), **target)
     except ValueError as exc:
         raise PruningError(str(exc)) from exc
     keep = graph.keep_mask(removed)
     mask = StructuredMask(model, graph, keep)
     try:
-        if compact:
-            undo = compact_units(model, graph, keep)
-            mask.remove_hooks()
-            try:
-                _run(model, example_inputs)
-            except Exception:
-                undo.restore()
-                raise
-        else:
+        _run(model, example_inputs)
+        # Compact even when masks are asked for: a mask is only handed out if it can be compacted.
+        undo = compact_units(model, graph, keep)
+        try:
             _run(model, example_inputs)
-            set_mask(model, mask)
-    except Exception as exc:
+        except BaseException:
+            undo.restore()
+            raise
+        if not compact:
+            undo.restore()
+    except BaseException:
         mask.restore(model)
-        raise PruningError(f"pruning failed and the model was restored: {type(exc).__name__}: {exc}") from exc
+        raise
+    if compact:
+        mask.remove_hooks()
+    else:
+        set_mask(model, mask)
     mask.saved = {}
     return model
 
@@ -135,7 +185,13 @@ def compact(model: nn.Module) -> nn.Module:
     mask = get_mask(model)
     if mask is None:
         raise PruningError("this model has no masks to compact; prune it with compact=False first")
-    compact_units(model, mask.graph, mask.keep)
+    undo = compact_units(model, mask.graph, mask.keep)
+    try:
+        _run(model, mask.graph.example_inputs)
+    except _BrokenForward as exc:
+        undo.restore()
+        raise PruningError(f"compaction broke the forward pass in '{exc.args[0]}': {exc.__cause__!r}; "
+                           "the masked model is unchanged") from exc.__cause__
     mask.remove_hooks()
     set_mask(model, None)
     return model

@@ -82,6 +82,10 @@ def compact_units(model: nn.Module, graph, keep: torch.Tensor) -> Undo:
             if shapes:
                 _fix_module(module, shapes, undo)
         _fix_heads(model, graph, keep, undo)
+        # Some timm attention layers cache tensors in eval mode and flush them on .train().
+        was_training = model.training
+        model.train(True)
+        model.train(was_training)
     except Exception:
         undo.restore()
         raise
@@ -114,10 +118,23 @@ def _fix_module(module: nn.Module, old: dict, undo: Undo) -> None:
         undo.set_attr(module, "num_channels", c)
     elif isinstance(module, nn.Embedding):
         undo.set_attr(module, "embedding_dim", w.shape[1])
+    _fix_shape_tuples(module, old, undo)
     if hasattr(module, "normalized_shape") and w is not None and w.dim() == 1:
         shape = module.normalized_shape
         undo.set_attr(module, "normalized_shape", (w.shape[0],) if isinstance(shape, tuple) else
                       ([w.shape[0]] if isinstance(shape, list) else w.shape[0]))
+
+
+def _fix_shape_tuples(module: nn.Module, old: dict, undo: Undo) -> None:
+    """Broadcast shapes stored next to a per-channel parameter, such as ``(C, 1, 1)``."""
+    for attr, old_shape in old.items():
+        if len(old_shape) != 1:
+            continue
+        new_c = getattr(module, attr).shape[0]
+        for name, value in list(vars(module).items()):
+            if (isinstance(value, tuple) and old_shape[0] in value and name != "normalized_shape"
+                    and all(v == 1 for v in value if v != old_shape[0]) and value.count(old_shape[0]) == 1):
+                undo.set_attr(module, name, tuple(new_c if v == old_shape[0] else v for v in value))
 
 
 def _channels(module) -> int:

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from .labels import compress
-from .tracer import Trace, trace
+from .tracer import HEAD_COUNT_ATTRS, Trace, trace
 
 
 @dataclass
@@ -48,14 +48,16 @@ class Group:
 class DependencyGraph:
     """Coupled units of a model, traced from ``example_inputs``."""
 
-    def __init__(self, model: nn.Module, example_inputs, *, ignored_layers=(), prune_stem=False):
+    def __init__(self, model: nn.Module, example_inputs, *, ignored_layers=(), prune_stem=False,
+                 prune_heads=True, frozen_modules=()):
         self.model = model
         self.trace: Trace = trace(model, example_inputs)
         uf = self.trace.uf
         self._resolve_elementwise()
         self.roots = uf.find(torch.arange(uf.size))
         self.members = self._members()
-        self.pinned = self._pinned(ignored_layers, prune_stem)
+        self.example_inputs = example_inputs
+        self.pinned = self._pinned(ignored_layers, prune_stem, prune_heads, frozen_modules)
         self.groups = self._groups()
         self.tensor_shapes = {n: tuple(t.shape) for n, t in self._named_tensors().items()}
         self.param_names = {n for n, _ in model.named_parameters()}
@@ -108,7 +110,7 @@ class DependencyGraph:
                     members.append(Member(name, d, roots.movedim(d, -1).reshape(-1, roots.shape[d])[0]))
         return members
 
-    def _pinned(self, ignored_layers, prune_stem) -> torch.Tensor:
+    def _pinned(self, ignored_layers, prune_stem, prune_heads, frozen_modules) -> torch.Tensor:
         uf = self.trace.uf
         pinned = torch.zeros(uf.size, dtype=torch.bool)
         pinned[0] = True
@@ -121,15 +123,37 @@ class DependencyGraph:
         for r, ms in touches.items():
             if len(ms) < 2:  # removing it would change one tensor and nothing that feeds or reads it
                 pinned[r] = True
+        self._pin_unsafe_heads(pinned)
+        if not prune_heads:
+            for rec in self.trace.lanes:
+                pinned[uf.find(rec.lanes)] = True
         ignored = {self._module_name(m) for m in ignored_layers}
         if not prune_stem and self.trace.macs:
             ignored.add(self._stem())
+        def inside(owner, names):
+            return any(owner == n or owner.startswith(n + ".") or not n for n in names)
+
         for m in self.members:
             owner = m.tensor.rpartition(".")[0]
-            if m.dim == 0 and any(owner == n or owner.startswith(n + ".") for n in ignored if n):
+            if (m.dim == 0 and inside(owner, [n for n in ignored if n])) or inside(owner, frozen_modules):
                 pinned[m.units] = True
         self._touches = touches
         return pinned
+
+    def _pin_unsafe_heads(self, pinned: torch.Tensor) -> None:
+        """Heads are prunable only where one module owns them and every attention op in it sees
+        the same heads (talking-heads attention mixes them; a missing owner means no head count
+        could be updated)."""
+        uf = self.trace.uf
+        by_module: dict = {}
+        for rec in self.trace.lanes:
+            by_module.setdefault(rec.module, []).append(frozenset(uf.find(rec.lanes).tolist()))
+        for module, root_sets in by_module.items():
+            owner = self.model.get_submodule(module) if module else None
+            counts = [getattr(owner, a) for a in HEAD_COUNT_ATTRS if isinstance(getattr(owner, a, None), int)]
+            if module is None or len(set(root_sets)) > 1 or not counts or len(root_sets[0]) not in counts:
+                for roots in root_sets:
+                    pinned[torch.tensor(sorted(roots))] = True
 
     def _module_name(self, layer) -> str:
         if isinstance(layer, str):

@@ -173,7 +173,10 @@ class Tracer(TorchDispatchMode):
             if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd, nn.Embedding)):
                 mixing_weights.add(id(m.weight))
         named = list(self.model.named_parameters(remove_duplicate=False))
-        named += [(n, b) for n, b in self.model.named_buffers(remove_duplicate=False) if _is_float(b)]
+        # Per-channel buffers (running statistics) follow their channels; larger float buffers
+        # (attention masks, cached tables) are constants without channel identity.
+        named += [(n, b) for n, b in self.model.named_buffers(remove_duplicate=False)
+                  if _is_float(b) and b.dim() == 1]
         for name, t in named:
             if id(t) in self.table:
                 self.aliases[name] = self.table[id(t)][1].source
@@ -489,7 +492,9 @@ class Tracer(TorchDispatchMode):
         if lanes:
             L = math.prod(batch)
             lane_rep = self.uf.fresh(L).reshape(batch + (1, 1, 1))
-            for p in lanes:
+            # Every label inside a lane joins it, including planes that no longer vary along the
+            # batch axes (e.g. scores whose lanes an attention mask already merged).
+            for _, p in planes:
                 self.uf.union(lane_rep, p)
             factors.append(lane_rep)
             self.lanes.append(LaneRecord(self.head_owner(), lane_rep.reshape(-1)))
