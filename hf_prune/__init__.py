@@ -11,7 +11,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "prune": "hf_prune.api",
     "compact": "hf_prune.api",
-    "PruningError": "hf_prune.api",
+    "PruningError": "hf_prune.errors",
     "DependencyGraph": "hf_prune.graph",
     "profile": "hf_prune.profiling",
 }

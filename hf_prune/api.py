@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from .allocation import allocate
+from .errors import PruningError
 from .graph import DependencyGraph, split_inputs
 from .importance import normalized_scores, unit_scores
 from .masks import StructuredMask, get_mask, set_mask
@@ -19,10 +20,6 @@ from .surgery import compact_units
 
 STRUCTURED_METHODS = ("depgraph",)
 MAX_REPAIRS = 4
-
-
-class PruningError(RuntimeError):
-    """A pruning request that could not be carried out; the model is unchanged."""
 
 
 def _run(model: nn.Module, example_inputs):
@@ -74,7 +71,7 @@ def build_graph(model: nn.Module, example_inputs, **options) -> DependencyGraph:
                nn.modules.module.register_module_forward_hook(pop)]
     try:
         return DependencyGraph(model, example_inputs, **options)
-    except (ValueError, PruningError):
+    except PruningError:
         raise
     except Exception as exc:
         where = stack[-1] if stack else "the model's forward"
@@ -137,7 +134,7 @@ def prune(model: nn.Module, method: str = "depgraph", *, example_inputs=None, sp
             # A layer read a width the trace cannot see (e.g. head size as C // num_heads, or equal
             # chunks of a split). Keep every layer of that class whole and try again.
             culprit = exc.args[0]
-            if culprit in frozen or repairs == MAX_REPAIRS:
+            if not culprit or culprit in frozen or repairs == MAX_REPAIRS:
                 raise PruningError(f"pruning failed and the model was restored: {exc.__cause__!r} in "
                                    f"module '{culprit}'. That layer reads a width the trace cannot see; "
                                    "pass it in ignored_layers or use a smaller target.") from exc.__cause__
@@ -161,6 +158,7 @@ def _prune_once(model, example_inputs, importance, options, target, compact):
     try:
         _run(model, example_inputs)
         # Compact even when masks are asked for: a mask is only handed out if it can be compacted.
+        mask.remove_hooks()
         undo = compact_units(model, graph, keep)
         try:
             _run(model, example_inputs)
@@ -169,12 +167,11 @@ def _prune_once(model, example_inputs, importance, options, target, compact):
             raise
         if not compact:
             undo.restore()
+            mask.install_hooks(model)
     except BaseException:
         mask.restore(model)
         raise
-    if compact:
-        mask.remove_hooks()
-    else:
+    if not compact:
         set_mask(model, mask)
     mask.saved = {}
     return model
@@ -185,11 +182,13 @@ def compact(model: nn.Module) -> nn.Module:
     mask = get_mask(model)
     if mask is None:
         raise PruningError("this model has no masks to compact; prune it with compact=False first")
+    mask.remove_hooks()
     undo = compact_units(model, mask.graph, mask.keep)
     try:
         _run(model, mask.graph.example_inputs)
     except _BrokenForward as exc:
         undo.restore()
+        mask.install_hooks(model)
         raise PruningError(f"compaction broke the forward pass in '{exc.args[0]}': {exc.__cause__!r}; "
                            "the masked model is unchanged") from exc.__cause__
     mask.remove_hooks()

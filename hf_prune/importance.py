@@ -12,30 +12,36 @@ import torch
 IMPORTANCES = ("l1", "l2", "taylor")
 
 
-def _slice_score(t: torch.Tensor, dim: int, kind: str) -> torch.Tensor:
+def _elementwise_score(param: torch.Tensor, kind: str) -> torch.Tensor:
+    t = param.detach().float()
     if kind == "l2":
-        s = t.detach().double().pow(2)
-    elif kind == "l1":
-        s = t.detach().double().abs()
-    elif kind == "taylor":
-        if t.grad is None:
+        return t.pow(2)
+    if kind == "l1":
+        return t.abs()
+    if kind == "taylor":
+        if param.grad is None:
             raise ValueError("importance='taylor' needs gradients: call loss.backward() before pruning, "
                              "or pass calib=<DataLoader> so hf_prune computes them")
-        s = (t.detach().double() * t.grad.detach().double()).abs()
-    else:
-        raise ValueError(f"unknown importance {kind!r}; choose one of {IMPORTANCES}")
-    dims = [d for d in range(t.dim()) if d != dim]
-    return s.sum(dim=dims) if dims else s
+        return (t * param.grad.detach().float()).abs()
+    raise ValueError(f"unknown importance {kind!r}; choose one of {IMPORTANCES}")
 
 
 def unit_scores(graph, kind: str = "l2") -> torch.Tensor:
     """Raw score per union-find root (0 for roots that are not units)."""
+    if kind not in IMPORTANCES:
+        raise ValueError(f"unknown importance {kind!r}; choose one of {IMPORTANCES}")
     tensors = graph._named_tensors()
     scores = torch.zeros(graph.trace.uf.size, dtype=torch.float64)
+    cache: dict[str, torch.Tensor] = {}
     for m in graph.members:
         if m.tensor not in graph.param_names:
             continue  # running statistics say nothing about importance
-        scores.index_add_(0, m.units, _slice_score(tensors[m.tensor], m.dim, kind).cpu())
+        if m.tensor not in cache:
+            cache[m.tensor] = _elementwise_score(tensors[m.tensor], kind)
+        s = cache[m.tensor]
+        dims = [d for d in range(s.dim()) if d != m.dim]
+        per_index = s.sum(dim=dims) if dims else s
+        scores.index_add_(0, m.units, per_index.double().cpu())
     return scores
 
 

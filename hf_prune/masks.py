@@ -75,6 +75,9 @@ class StructuredMask:
             if name not in self.saved:
                 self.saved[name] = tensors[name].detach().clone()
         self.enforce(model)
+        self.install_hooks(model)
+
+    def install_hooks(self, model: nn.Module) -> None:
         for rec in self.graph.trace.norms:
             roots = self.graph.trace.uf.find(rec.channels)
             kept = torch.nonzero(self.keep[roots]).reshape(-1)

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..errors import PruningError
 from .labels import compress
 from .tracer import HEAD_COUNT_ATTRS, Trace, trace
 
@@ -128,8 +129,8 @@ class DependencyGraph:
             for rec in self.trace.lanes:
                 pinned[uf.find(rec.lanes)] = True
         ignored = {self._module_name(m) for m in ignored_layers}
-        if not prune_stem and self.trace.macs:
-            ignored.add(self._stem())
+        if not prune_stem:
+            ignored.update(r.module for r in self.trace.macs if r.reads_input)
         def inside(owner, names):
             return any(owner == n or owner.startswith(n + ".") or not n for n in names)
 
@@ -161,11 +162,8 @@ class DependencyGraph:
         for name, mod in self.model.named_modules():
             if mod is layer:
                 return name
-        raise ValueError(f"ignored_layers: {type(layer).__name__} is not a submodule of the model")
-
-    def _stem(self) -> str:
-        """The module of the first convolution or matmul: its output channels stay by default."""
-        return self.trace.macs[0].module
+        raise PruningError(f"ignored_layers: {type(layer).__name__} is not a submodule of the model; "
+                           "pass modules of the model being pruned (or their names)")
 
     def _groups(self) -> list:
         lane_roots = {}

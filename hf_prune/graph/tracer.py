@@ -42,6 +42,7 @@ class MacRecord:
     shape: tuple
     const: int
     factors: list
+    reads_input: bool = False  # its input is one of the model's example inputs (a stem layer)
 
 
 @dataclass
@@ -162,6 +163,7 @@ class Tracer(TorchDispatchMode):
         self.norms: list[NormRecord] = []
         self.unknown: list[tuple[str, str]] = []
         self.stack: list[str] = []
+        self.input_ids: set[int] = set()
         self.module_names = {id(m): n for n, m in model.named_modules(remove_duplicate=False)}
         self.modules = dict(model.named_modules(remove_duplicate=False))
         self._register_parameters()
@@ -199,6 +201,7 @@ class Tracer(TorchDispatchMode):
         """Example inputs get fresh pinned labels: their channels are the model's contract."""
         for t in tensors:
             if _is_float(t):
+                self.input_ids.add(id(t))
                 lab = self.uf.fresh(t.numel()).reshape(t.shape)
                 self.pins.add(lab, "model input")
                 self._set(t, Labels(lab))
@@ -236,6 +239,9 @@ class Tracer(TorchDispatchMode):
             for p in lab.dims:
                 self.pins.add(p, f"weight {lab.source} used element-wise")
         return lab.elem
+
+    def _is_input(self, t) -> bool:
+        return id(t) in self.input_ids or id(getattr(t, "_base", None)) in self.input_ids
 
     def owner(self) -> str:
         return self.stack[-1] if self.stack else ""
@@ -511,7 +517,8 @@ class Tracer(TorchDispatchMode):
             factors.append(rows[0])
         if cols:
             factors.append(cols[0])
-        self.macs.append(MacRecord(self.owner(), op, batch + (n, m, k), 1, factors))
+        self.macs.append(MacRecord(self.owner(), op, batch + (n, m, k), 1, factors,
+                                   self._is_input(a) or self._is_input(b)))
         out_planes = ([lane_rep] if lane_rep is not None else []) + rows + cols
         out_planes = [p.narrow(K_, 0, 1).squeeze(K_) for p in out_planes]
         if bias is not None:
@@ -601,7 +608,7 @@ class Tracer(TorchDispatchMode):
                 facs.append(_along(factors_out, len(space), 1))
             if factors_in is not None:
                 facs.append(_along(factors_in, len(space), nd))
-        self.macs.append(MacRecord(self.owner(), "conv", space, 1, facs))
+        self.macs.append(MacRecord(self.owner(), "conv", space, 1, facs, self._is_input(x)))
         if bias is not None and out_plane is not None:
             bp = self._act(bias)
             if bp is not None:

@@ -1,0 +1,360 @@
+"""DepGraph engine: exact compaction, coupling, heads, rounding, targets and transactional errors."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import hf_prune
+from hf_prune.api import PruningError, compact, prune
+from hf_prune.graph import DependencyGraph
+from hf_prune.profiling import count_macs
+
+torch.manual_seed(0)
+
+
+def _timm(name, size=64, **kw):
+    import timm
+
+    return timm.create_model(name, pretrained=False, num_classes=10, **kw), torch.randn(2, 3, size, size)
+
+
+def _hf(kind):
+    import transformers as T
+
+    x = {"pixel_values": torch.randn(2, 3, 64, 64)}
+    if kind == "vit":
+        cfg = T.ViTConfig(image_size=64, patch_size=16, hidden_size=96, num_hidden_layers=2,
+                          num_attention_heads=6, intermediate_size=192, num_labels=10)
+        return T.ViTForImageClassification(cfg), x
+    if kind == "deit":
+        cfg = T.DeiTConfig(image_size=64, patch_size=16, hidden_size=96, num_hidden_layers=2,
+                           num_attention_heads=6, intermediate_size=192, num_labels=10)
+        return T.DeiTForImageClassification(cfg), x
+    if kind == "convnext":
+        cfg = T.ConvNextConfig(hidden_sizes=[32, 64, 128, 256], depths=[1, 1, 2, 1], num_labels=10)
+        return T.ConvNextForImageClassification(cfg), x
+    if kind == "resnet":
+        cfg = T.ResNetConfig(hidden_sizes=[64, 128, 256, 512], depths=[1, 1, 1, 1], layer_type="bottleneck",
+                             embedding_size=32, num_labels=10)
+        return T.ResNetForImageClassification(cfg), x
+    if kind == "mobilenetv2":
+        return T.MobileNetV2ForImageClassification(T.MobileNetV2Config(image_size=64, num_labels=10)), x
+    if kind == "swin":
+        cfg = T.SwinConfig(image_size=64, patch_size=4, embed_dim=32, depths=[1, 1], num_heads=[2, 4],
+                           window_size=4, num_labels=10)
+        return T.SwinForImageClassification(cfg), x
+    if kind == "timm_wrapper":
+        return T.TimmWrapperForImageClassification(T.TimmWrapperConfig(architecture="resnet18", num_labels=10)), x
+    raise KeyError(kind)
+
+
+MODELS = {
+    "resnet18": lambda: _timm("resnet18"),
+    "regnetx_002 (grouped conv)": lambda: _timm("regnetx_002"),
+    "efficientnet_b0 (SE, depthwise)": lambda: _timm("efficientnet_b0"),
+    "densenet121 (concat)": lambda: _timm("densenet121"),
+    "convnext_atto (LN, layer scale)": lambda: _timm("convnext_atto"),
+    "vit (cls token, pos embed, fused qkv)": lambda: _timm("vit_tiny_patch16_224", img_size=64, depth=2),
+    "swin (windows, relative bias)": lambda: _timm("swin_tiny_patch4_window7_224", img_size=64, window_size=4,
+                                                   depths=(1, 1), num_heads=(2, 4), embed_dim=32),
+    "hf vit": lambda: _hf("vit"),
+    "hf deit": lambda: _hf("deit"),
+    "hf convnext": lambda: _hf("convnext"),
+    "hf resnet": lambda: _hf("resnet"),
+    "hf mobilenetv2": lambda: _hf("mobilenetv2"),
+    "hf swin": lambda: _hf("swin"),
+    "hf timm wrapper": lambda: _hf("timm_wrapper"),
+}
+
+
+def _call(model, x):
+    model.eval()
+    with torch.no_grad():
+        out = model(**x) if isinstance(x, dict) else model(x)
+    return out.logits if hasattr(out, "logits") else out
+
+
+def _randomize(model):
+    """Random, non-trivial values everywhere (fresh inits leave norms at 1/0 and biases at 0)."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.running_mean.normal_(0, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_compacted_equals_masked(name):
+    model, x = MODELS[name]()
+    _randomize(model)
+    dense_macs = DependencyGraph(model, x).macs()
+    dense_params = sum(p.numel() for p in model.parameters())
+    prune(model, example_inputs=x, target_macs=0.6, compact=False)
+    masked = _call(model, x)
+    compact(model)
+    compacted = _call(model, x)
+    assert compacted.shape == masked.shape
+    scale = masked.abs().max()
+    assert ((compacted - masked).abs().max() / scale).item() <= 1e-4
+    macs = DependencyGraph(model, x).macs()
+    assert macs <= 0.6 * dense_macs * 1.001
+    assert sum(p.numel() for p in model.parameters()) < dense_params
+    _check_layer_attributes(model)
+
+
+def _check_layer_attributes(model):
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Linear):
+            assert (m.out_features, m.in_features) == tuple(m.weight.shape), name
+        elif isinstance(m, nn.Conv2d):
+            assert m.out_channels == m.weight.shape[0], name
+            assert m.in_channels == m.weight.shape[1] * m.groups, name
+        elif isinstance(m, nn.modules.batchnorm._BatchNorm):
+            assert m.num_features == m.weight.shape[0], name
+        elif isinstance(m, nn.LayerNorm):
+            assert tuple(m.normalized_shape) == tuple(m.weight.shape), name
+
+
+def test_predicted_macs_match_flop_counter_on_cnns():
+    model, x = _timm("resnet18")
+    graph = DependencyGraph(model, x)
+    assert graph.macs() == count_macs(model, x)
+    prune(model, example_inputs=x, target_macs=0.5)
+    assert DependencyGraph(model, x).macs() == count_macs(model, x)
+
+
+def test_attention_macs_are_counted():
+    model, x = _hf("vit")
+    assert DependencyGraph(model, x).macs() == count_macs(model, x)
+
+
+def test_timm_vit_heads_are_removed_whole_and_attributes_follow():
+    model, x = _timm("vit_tiny_patch16_224", img_size=64, depth=2)
+    before = _call(model, x)
+    prune(model, example_inputs=x, target_macs=0.5, prune_stem=True)
+    for block in model.blocks:
+        attn = block.attn
+        assert attn.qkv.out_features == 3 * attn.num_heads * attn.head_dim
+        assert attn.attn_dim == attn.num_heads * attn.head_dim == attn.proj.in_features
+        assert attn.head_dim == 64  # whole heads go, head size stays
+    assert model.pos_embed.shape[-1] == model.cls_token.shape[-1] == model.patch_embed.proj.out_channels
+    assert _call(model, x).shape == before.shape
+
+
+def test_hf_vit_head_count_follows():
+    model, x = _hf("vit")
+    prune(model, example_inputs=x, target_macs=0.5)
+    heads = []
+    for layer in model.vit.layers:
+        attn = layer.attention
+        assert attn.q_proj.out_features == attn.num_attention_heads * attn.head_dim
+        assert attn.o_proj.in_features == attn.num_attention_heads * attn.head_dim
+        assert attn.head_dim == 16  # whole heads go: 96 / 6
+        heads.append(attn.num_attention_heads)
+    assert min(heads) < 6
+
+
+def test_round_to_keeps_hardware_friendly_widths():
+    model, x = _timm("resnet50")
+    original = {n: m.out_channels for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+    prune(model, example_inputs=x, target_macs=0.5, round_to=8)
+    changed = 0
+    for n, m in model.named_modules():
+        if isinstance(m, nn.Conv2d) and m.out_channels != original[n]:
+            changed += 1
+            assert m.out_channels % 8 == 0, (n, m.out_channels)
+    assert changed > 10
+
+
+def test_residual_couplings_prune_together():
+    model, x = _timm("resnet18")
+    prune(model, example_inputs=x, target_macs=0.5, prune_stem=True)
+    stage = model.layer1
+    width = stage[0].conv2.out_channels
+    assert stage[1].conv2.out_channels == width == stage[1].conv1.in_channels == model.conv1.out_channels
+
+
+def test_sparsity_target_counts_prunable_parameters():
+    model, x = _timm("resnet18")
+    graph = DependencyGraph(model, x)
+    prunable, total = graph.params(only_prunable=True), graph.params()
+    prune(model, example_inputs=x, sparsity=0.3)
+    removed = total - sum(p.numel() for p in model.parameters())
+    assert 0.3 * prunable <= removed <= 0.45 * prunable
+
+
+def test_local_mode_prunes_every_group_alike():
+    model, x = _timm("resnet18")
+    graph = DependencyGraph(model, x)
+    widths = {len(g) for g in graph.groups}
+    prune(model, example_inputs=x, target_macs=0.6, mode="local", round_to=None)
+    after = DependencyGraph(model, x, prune_stem=True)
+    assert after.macs() <= 0.6 * graph.macs() * 1.001 and widths
+
+
+def test_taylor_importance_needs_gradients_or_calibration():
+    model, x = _timm("resnet18")
+    state = copy.deepcopy(model.state_dict())
+    with pytest.raises(PruningError, match="gradients"):
+        prune(model, example_inputs=x, target_macs=0.5, importance="taylor")
+    _assert_unchanged(model, state)
+    calib = [(torch.randn(4, 3, 64, 64), torch.randint(0, 10, (4,)))]
+    prune(model, example_inputs=x, target_macs=0.5, importance="taylor", calib=calib)
+    assert sum(p.numel() for p in model.parameters()) < sum(v.numel() for k, v in state.items() if "running" not in k and "num_batches" not in k)
+
+
+def _assert_unchanged(model, state):
+    now = model.state_dict()
+    assert now.keys() == state.keys()
+    for k, v in state.items():
+        assert now[k].shape == v.shape and torch.equal(now[k], v), k
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(target_macs=1.5), "target_macs"),
+    (dict(target_macs=0.0), "target_macs"),
+    (dict(sparsity=-0.1), "sparsity"),
+    (dict(sparsity=0.3, target_macs=0.5), "exactly one"),
+    (dict(target_macs=0.01), "cannot be reached"),
+    (dict(target_macs=0.5, mode="uniform"), "mode"),
+    (dict(target_macs=0.5, importance="entropy"), "importance"),
+])
+def test_bad_targets_raise_and_leave_model_untouched(kwargs, message):
+    model, x = _timm("resnet18")
+    state = copy.deepcopy(model.state_dict())
+    with pytest.raises(PruningError, match=message):
+        prune(model, example_inputs=x, **kwargs)
+    _assert_unchanged(model, state)
+    assert hf_prune.masks.get_mask(model) is None
+
+
+def test_untraceable_model_names_the_module():
+    class Picky(nn.Module):
+        def forward(self, x):
+            if x.shape[-1] != 32:
+                raise ValueError("expects 32x32 images")
+            return x
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 16, 3)
+            self.picky = Picky()
+
+        def forward(self, x):
+            return self.picky(self.conv(x))
+
+    model = Net()
+    state = copy.deepcopy(model.state_dict())
+    with pytest.raises(PruningError, match="picky"):
+        prune(model, example_inputs=torch.randn(1, 3, 64, 64), target_macs=0.5)
+    _assert_unchanged(model, state)
+    with pytest.raises(PruningError, match="example_inputs"):
+        prune(model, target_macs=0.5)
+
+
+class _ChannelFFT(nn.Module):
+    """An op with no coupling rule, applied across channels."""
+
+    def forward(self, x):
+        return torch.fft.fft(x, dim=1).real
+
+
+class _Mixed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 32, 3, padding=1)
+        self.fft = _ChannelFFT()
+        self.b = nn.Conv2d(32, 32, 3, padding=1)
+        self.c = nn.Conv2d(32, 32, 3, padding=1)
+        self.head = nn.Linear(32, 10)
+
+    def forward(self, x):
+        x = self.fft(self.a(x))
+        x = torch.relu(self.c(torch.relu(self.b(x))))
+        return self.head(x.mean((2, 3)))
+
+
+def test_unsupported_op_pins_its_channels_instead_of_guessing():
+    model, x = _Mixed(), torch.randn(1, 3, 16, 16)
+    graph = DependencyGraph(model, x)
+    assert any(op == "_fft_r2c" or "fft" in op for op, _, _ in graph.trace.unknown)
+    prune(model, example_inputs=x, target_macs=0.7, round_to=None)
+    assert model.a.out_channels == 32  # its output crosses the FFT: left whole
+    assert model.b.out_channels < 32
+    assert _call(model, x).shape == (1, 10)
+
+
+class _HiddenWidth(nn.Module):
+    """Reads a width from a stored int, which no trace can see."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(16, 64)
+        self.fc2 = nn.Linear(64, 16)
+        self.width = 64
+
+    def forward(self, x):
+        h = self.fc1(x).reshape(x.shape[0], self.width)
+        return self.fc2(torch.relu(h))
+
+
+class _TwoBlocks(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(8, 16)
+        self.hidden = _HiddenWidth()
+        self.mlp = nn.Sequential(nn.Linear(16, 128), nn.ReLU(), nn.Linear(128, 16))
+        self.out = nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.out(self.mlp(self.hidden(self.inp(x))))
+
+
+def test_layers_with_hidden_widths_are_repaired_or_refused_cleanly():
+    model, x = _TwoBlocks(), torch.randn(2, 8)
+    with pytest.warns(UserWarning, match="hidden"):
+        prune(model, example_inputs=x, target_macs=0.75, round_to=None)
+    assert model.hidden.fc1.out_features == 64  # kept whole after the failed attempt
+    assert model.mlp[0].out_features < 128
+    assert _call(model, x).shape == (2, 4)
+
+
+def test_multihead_attention_runs_after_pruning():
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(32, 4, batch_first=True)
+            self.mlp = nn.Sequential(nn.Linear(32, 128), nn.GELU(), nn.Linear(128, 32))
+            self.head = nn.Linear(32, 5)
+
+        def forward(self, x):
+            x = x + self.attn(x, x, x, need_weights=False)[0]
+            return self.head((x + self.mlp(x)).mean(1))
+
+    model, x = Block().eval(), torch.randn(2, 7, 32)
+    before = _call(model, x)
+    prune(model, example_inputs=x, target_macs=0.8, round_to=None)
+    assert model.mlp[0].out_features < 128
+    assert _call(model, x).shape == before.shape
+
+
+def test_masks_enforce_after_updates_and_compact_matches():
+    model, x = _timm("convnext_atto")
+    _randomize(model)
+    prune(model, example_inputs=x, target_macs=0.6, compact=False)
+    mask = hf_prune.masks.get_mask(model)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01)  # an optimizer step would touch masked slices too
+    mask.enforce(model)
+    masked = _call(model, x)
+    compact(model)
+    assert torch.allclose(_call(model, x), masked, rtol=0, atol=1e-4 * masked.abs().max().item())
+    with pytest.raises(PruningError, match="no masks"):
+        compact(model)
