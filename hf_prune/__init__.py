@@ -10,9 +10,10 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "prune": "hf_prune.api",
-    "compact": "hf_prune.api",
+    "compact": "hf_prune.pruner",
     "PruningError": "hf_prune.errors",
     "DependencyGraph": "hf_prune.graph",
+    "StructuredPruner": "hf_prune.pruner",
     "profile": "hf_prune.profiling",
 }
 

@@ -358,3 +358,22 @@ def test_masks_enforce_after_updates_and_compact_matches():
     assert torch.allclose(_call(model, x), masked, rtol=0, atol=1e-4 * masked.abs().max().item())
     with pytest.raises(PruningError, match="no masks"):
         compact(model)
+
+
+def test_pruner_steps_only_grow_masks_and_compact_exactly():
+    from hf_prune.pruner import StructuredPruner
+
+    model, x = _timm("resnet18")
+    _randomize(model)
+    pruner = StructuredPruner(model, x)
+    first = set(pruner.step(target_macs=0.8).graph.keep_mask(pruner.removed).logical_not().nonzero().flatten().tolist())
+    assert pruner.stats()["macs_ratio"] <= 0.8
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(torch.rand_like(p) + 0.5)  # training moves the weights between steps
+    pruner.step(target_macs=0.6)
+    second = set(pruner.graph.keep_mask(pruner.removed).logical_not().nonzero().flatten().tolist())
+    assert first < second and pruner.stats()["macs_ratio"] <= 0.6
+    masked = _call(model, x)
+    pruner.compact()
+    assert torch.allclose(_call(model, x), masked, rtol=0, atol=1e-4 * masked.abs().max().item())

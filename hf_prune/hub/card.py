@@ -1,0 +1,174 @@
+"""Model cards for pruned models: YAML metadata (``model-index``), size/speed tables, a layer plot.
+
+The template is ``templates/pruned_model.md.j2`` inside this package (installed with it); the
+repository's ``model_cards/pruned_model.md.j2`` is an identical copy for readers and editors.
+Numbers come only from the spec (parameter counts, MACs given at save time) and from the caller
+(``metrics``, measured ``speed``); nothing is estimated here.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+__all__ = ["render_card", "write_card", "plot_layers", "layer_widths", "TEMPLATE_NAME", "PLOT_NAME"]
+
+TEMPLATE_NAME = "pruned_model.md.j2"
+PLOT_NAME = "pruned_layers.png"
+PACKAGE_TEMPLATE = Path(__file__).with_name("templates") / TEMPLATE_NAME
+REPO_TEMPLATE = Path(__file__).resolve().parents[2] / "model_cards" / TEMPLATE_NAME
+
+
+def template_path() -> Path:
+    """The card template: the package copy (always installed), else the repository's copy."""
+    return PACKAGE_TEMPLATE if PACKAGE_TEMPLATE.is_file() else REPO_TEMPLATE
+
+
+def _human(n) -> str:
+    if n is None:
+        return "not measured"
+    for unit, div in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= div:
+            return f"{n / div:.2f} {unit}"
+    return str(n)
+
+
+def _ratio(after, before) -> str:
+    return f"{after / before:.1%}" if after is not None and before else "—"
+
+
+def layer_widths(model: nn.Module, spec: dict) -> list[dict]:
+    """Every Linear/Conv layer of ``model``, in order, with its kept fraction of output channels."""
+    changed = {e["path"]: e for e in spec["layers"]}
+    nonzero = {e["path"]: e["nonzero"] for e in spec.get("sparsity", {}).get("layers", [])
+               if e.get("tensor") == "weight"}
+    rows = []
+    for path, module in model.named_modules():
+        if not isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)) or module.weight is None:
+            continue
+        out = module.weight.shape[0] if not getattr(module, "transposed", False) else module.weight.shape[1]
+        base = changed.get(path, {}).get("base_tensors", {}).get("weight")
+        base_out = (base[1] if getattr(module, "transposed", False) else base[0]) if base else out
+        rows.append({"path": path, "out": out, "base_out": base_out, "kept": out / base_out if base_out else 1.0,
+                     "nonzero": nonzero.get(path)})
+    return rows
+
+
+def plot_layers(rows: list[dict], path: Path, title: str = "") -> Path:
+    """Bar chart of kept width per layer (and nonzero fraction if any), saved as PNG (Agg backend)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    # Object-oriented API on an Agg canvas: no pyplot, no global backend switch.
+    fig = Figure(figsize=(max(6.0, min(16.0, 0.12 * len(rows) + 4)), 3.2), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    xs = list(range(len(rows)))
+    ax.bar(xs, [r["kept"] for r in rows], width=0.85, color="#4C78A8", label="kept width")
+    sparse = [(x, r["nonzero"]) for x, r in zip(xs, rows) if r["nonzero"] is not None]
+    if sparse:
+        ax.plot([x for x, _ in sparse], [v for _, v in sparse], "o", ms=3, color="#F58518", label="nonzero weights")
+    ax.set_ylim(0, 1.05)
+    ax.set_xlim(-0.6, max(len(rows) - 0.4, 0.6))
+    ax.set_xlabel("layer (model order)")
+    ax.set_ylabel("fraction of base")
+    ax.set_title(title or "Per-layer width after pruning", fontsize=10)
+    ax.legend(loc="lower right", fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+    return path
+
+
+def _eval_results(metrics, card_data: dict, model_name: str):
+    """``metrics`` -> (EvalResult list for model-index, rows for the card's table)."""
+    from huggingface_hub import EvalResult
+
+    if not metrics:
+        return [], []
+    dataset = dict(card_data.get("dataset") or {})
+    task = card_data.get("task_type", "image-classification")
+    items = ([{"type": k, "value": v} for k, v in metrics.items()] if isinstance(metrics, dict) else list(metrics))
+    results, rows = [], []
+    for item in items:
+        if not isinstance(item, dict) or "type" not in item or "value" not in item:
+            raise ValueError(f"metrics entries need 'type' and 'value', got {item!r}")
+        ds = {**dataset, **(item.get("dataset") or {})}
+        name = ds.get("name") or ds.get("type") or "evaluation data"
+        value = item["value"]
+        value = float(value) if hasattr(value, "item") else value
+        results.append(EvalResult(
+            task_type=item.get("task", task), dataset_type=ds.get("type") or name, dataset_name=name,
+            dataset_split=ds.get("split"), dataset_config=ds.get("config"), metric_type=item["type"],
+            metric_value=value, metric_name=item.get("name")))
+        rows.append({"name": item.get("name") or item["type"], "value": value,
+                     "dataset": name + (f" ({ds['split']})" if ds.get("split") else "")})
+    return results, rows
+
+
+def _auto_class(spec: dict) -> str:
+    arch = spec["base"]["architecture"]
+    if arch.endswith("ForImageClassification"):
+        return "AutoModelForImageClassification"
+    return "AutoModel"
+
+
+def render_card(spec: dict, *, repo_id: str | None = None, metrics=None, speed: dict | None = None,
+                standalone: bool = False, card_data: dict | None = None, base_model: str | None = None,
+                plot: str | None = PLOT_NAME, sparsity_note: str | None = None) -> str:
+    """The model card (Markdown with YAML front matter) for a pruned model described by ``spec``."""
+    import jinja2
+    from huggingface_hub import ModelCardData
+
+    card_data = dict(card_data or {})
+    arch = spec["base"]["architecture"]
+    method = spec["method"].get("name")
+    model_name = repo_id.split("/")[-1] if repo_id else f"{arch}-pruned"
+    results, metric_rows = _eval_results(metrics, card_data, model_name)
+    tags = ["hf_prune", "pruning"] + ([method] if method else []) + [spec["base"]["library"]]
+    tags += [t for t in card_data.pop("tags", []) if t not in tags]
+    extra = {k: v for k, v in card_data.items() if k not in ("dataset", "task_type")}
+    data = ModelCardData(
+        library_name=extra.pop("library_name", "transformers" if standalone else "hf_prune"),
+        tags=tags, base_model=base_model, model_name=model_name if results else None,
+        eval_results=results or None, **extra)
+    stats = spec.get("stats", {})
+    sp = spec.get("sparsity") or {}
+    text = jinja2.Template(template_path().read_text(encoding="utf-8"), keep_trailing_newline=True,
+                           undefined=jinja2.StrictUndefined).render(
+        card_data=data.to_yaml(), model_name=model_name, base_model=base_model, architecture=arch,
+        library=spec["base"]["library"], method_name=method, format_version=spec["format_version"],
+        repo_id=repo_id or "<path or repo id>", standalone=standalone, auto_class=_auto_class(spec),
+        params_before=_human(stats.get("params_before")), params_after=_human(stats.get("params_after")),
+        params_ratio=_ratio(stats.get("params_after"), stats.get("params_before")),
+        macs_before=_human(stats.get("macs_before")), macs_after=_human(stats.get("macs_after")),
+        macs_ratio=_ratio(stats.get("macs_after"), stats.get("macs_before")),
+        speed=speed or None, metrics=metric_rows, settings=spec["method"].get("settings") or {},
+        n_layers=sum(1 for e in spec["layers"] if e["tensors"]),
+        n_attention=sum(1 for e in spec["layers"] if e["role"] == "attention"),
+        n_removed=len(spec["removed_blocks"]),
+        sparsity=f"{sp['global_nonzero']:.1%}" if sp else sparsity_note, plot=plot,
+        versions=spec.get("versions", {}))
+    return re.sub(r"\n{3,}", "\n\n", text)
+
+
+def write_card(directory: Path, spec: dict, *, model: nn.Module, metrics=None, speed: dict | None = None,
+               repo_id: str | None = None, standalone: bool = False, card_data: dict | None = None,
+               base_model: str | None = None) -> Path:
+    """Write ``README.md`` and ``pruned_layers.png`` into ``directory``; return the card's path."""
+    if speed is not None:
+        if not isinstance(speed, dict) or "speedup" not in speed:
+            raise ValueError("speed must be a dict with a measured 'speedup' (and 'device', 'batch')")
+    directory = Path(directory)
+    rows = layer_widths(model, spec)
+    plot = None
+    if rows:
+        plot_layers(rows, directory / PLOT_NAME, title=f"{spec['base']['architecture']}: per-layer width")
+        plot = PLOT_NAME
+    text = render_card(spec, repo_id=repo_id, metrics=metrics, speed=speed, standalone=standalone,
+                       card_data=card_data, base_model=base_model, plot=plot)
+    path = directory / "README.md"
+    path.write_text(text, encoding="utf-8")
+    return path

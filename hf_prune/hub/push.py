@@ -1,0 +1,73 @@
+"""Publishing a pruned model: save (config + safetensors + card + plot) and upload in one commit."""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from torch import nn
+
+__all__ = ["PushError", "push_to_hub"]
+
+
+class PushError(RuntimeError):
+    """Uploading a pruned model to the Hub failed; nothing was committed and the model is unchanged."""
+
+    def __init__(self, message: str, *, repo_id: str, step: str, save_dir: str | None):
+        super().__init__(message)
+        self.repo_id = repo_id
+        self.step = step
+        self.save_dir = save_dir
+
+
+def push_to_hub(model: nn.Module, repo_id: str, *, metrics=None, private: bool = False, token: str | None = None,
+                commit_message: str | None = None, standalone: bool = False, card_data: dict | None = None,
+                speed: dict | None = None, save_dir: str | os.PathLike | None = None, revision: str | None = None,
+                create_pr: bool = False, **save_kwargs):
+    """Save ``model`` with :func:`~hf_prune.hub.save_pretrained` and upload it to ``repo_id``.
+
+    The repository gets ``config.json`` (with the structure spec), ``model.safetensors``, the
+    model card ``README.md`` (``metrics`` in ``model-index``, the measured ``speed`` if given,
+    how to load it) and ``pruned_layers.png``; with ``standalone=True`` also
+    ``modeling_hf_prune.py`` for loading with plain transformers (``trust_remote_code=True``).
+    Everything is uploaded in one commit. ``save_dir``: keep the saved files there (else a
+    temporary directory is used). Other keyword arguments go to ``save_pretrained`` (``method``,
+    ``settings``, ``stats``, ``model_args``, ``base_model``, ...).
+
+    Returns the ``huggingface_hub.CommitInfo`` of the commit. A failure while creating the
+    repository or uploading raises :class:`PushError` naming the repository and what to retry;
+    the model and the files in ``save_dir`` are left as they are.
+    """
+    from .io import save_pretrained
+
+    if save_dir is not None:
+        return _push(model, repo_id, Path(save_dir), True, metrics, private, token, commit_message, standalone,
+                     card_data, speed, revision, create_pr, save_kwargs, save_pretrained)
+    with tempfile.TemporaryDirectory(prefix="hf_prune_push_") as tmp:
+        return _push(model, repo_id, Path(tmp), False, metrics, private, token, commit_message, standalone,
+                     card_data, speed, revision, create_pr, save_kwargs, save_pretrained)
+
+
+def _push(model, repo_id, folder, keep, metrics, private, token, commit_message, standalone, card_data, speed,
+          revision, create_pr, save_kwargs, save_pretrained):
+    from huggingface_hub import HfApi
+
+    save_pretrained(model, folder, metrics=metrics, standalone=standalone, card_data=card_data, speed=speed,
+                    repo_id=repo_id, **save_kwargs)
+    api = HfApi(token=token)
+    step = "creating the repository"
+    try:
+        url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        full_id = getattr(url, "repo_id", None) or repo_id
+        step = "uploading the files"
+        spec_method = (getattr(getattr(model, "config", None), "hf_prune", None) or {}).get("method", {})
+        message = commit_message or f"Upload pruned model ({spec_method.get('name') or 'hf_prune'}) with hf_prune"
+        return api.upload_folder(folder_path=str(folder), repo_id=full_id, repo_type="model",
+                                 commit_message=message, revision=revision, create_pr=create_pr)
+    except Exception as exc:  # network errors, HTTP errors, timeouts: all mean "not published"
+        where = (f"the saved files are in {folder}; retry with HfApi().upload_folder(folder_path='{folder}', "
+                 f"repo_id='{repo_id}')" if keep else
+                 "retry hf_prune.push_to_hub (pass save_dir= to keep a local copy to upload later)")
+        raise PushError(f"pushing the pruned model to '{repo_id}' failed while {step}: {type(exc).__name__}: {exc}. "
+                        f"Nothing was committed and the model is unchanged; {where}.",
+                        repo_id=repo_id, step=step, save_dir=str(folder) if keep else None) from exc

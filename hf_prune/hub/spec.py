@@ -1,0 +1,524 @@
+"""The structure spec (format v1): what makes a pruned model differ from its freshly built base.
+
+A pruned model has layers of different widths, fewer heads, maybe missing blocks and zeroed
+weights; a transformers config or a timm ``model_args`` cannot express that. The spec is a plain
+JSON object stored in ``config.json`` under the key ``hf_prune``. Loading = build the base
+architecture from its config, :func:`apply_spec`, then load the safetensors weights strictly.
+Nothing is pickled and no code is named in the file.
+
+Format v1::
+
+    {
+      "format_version": 1,
+      "base": {                                   # what to build before applying the spec
+        "library": "transformers" | "timm",
+        "architecture": "ViTForImageClassification" | "vit_tiny_patch16_224",
+        "config": {...},                          # transformers: config.to_diff_dict() (informative:
+                                                  #   config.json itself is what loading uses);
+                                                  # timm: {"model_args": {create_model kwargs},
+                                                  #   "pretrained_cfg": {mean, std, input_size, ...}}
+        "source": "google/vit-base-patch16-224"   # Hub repo of the unpruned weights, or null
+      },
+      "layers": [                                 # modules that differ from the base, in module order
+        {
+          "index": 9,                             # position in list(base.named_modules()) (the key)
+          "path": "vit.layers.0.attention.q_proj",# module path (checked, not used as key)
+          "type": "Linear",                       # class name (checked against the class or its bases)
+          "role": "linear",                       # linear | conv | norm | embedding | attention | other
+          "tensors": {"weight": [16, 64], "bias": [16]},      # new shapes of its own params/buffers
+          "base_tensors": {"weight": [64, 64], "bias": [64]}, # their shapes in the base (checked)
+          "attrs": {"out_features": 16}           # shape-bearing attributes that changed
+        }, ...
+      ],
+      "removed_blocks": [                         # blocks replaced by a pass-through (depth pruning)
+        {"index": 40, "path": "vit.layers.5", "type": "ViTLayer"}
+      ],
+      "merged_blocks": [],                        # reserved: v1 readers reject a non-empty list
+      "sparsity": {} | {                          # unstructured zeros (informative)
+        "global_nonzero": 0.5,                    # nonzero fraction over all weights with ndim >= 2
+        "layers": [{"index": 9, "path": "...", "tensor": "weight", "nonzero": 0.5}, ...]
+      },                                          # (listed: tensors with more than 1% zeros)
+      "method": {"name": "depgraph", "settings": {"target_macs": 0.6, ...}},
+      "stats": {"params_before": 5.7e6, "params_after": 3.1e6, "macs_before": ..., "macs_after": ...},
+      "versions": {"torch": "2.14.1", "transformers": "5.23.0", "timm": "1.0.31", "hf_prune": "0.1.0"}
+    }
+
+Rules:
+
+* Entries are keyed by ``index`` (the module's position in ``list(base.named_modules())``, default
+  de-duplication), never by parameter name: transformers renames some parameters on save (ViT's
+  legacy names), so names in the weights file differ from module names.
+* ``path`` and ``type`` must agree with the module found at ``index`` in the freshly built base
+  (``type`` may name the class or any of its base classes), and each tensor's current shape must
+  equal ``base_tensors`` when given; otherwise :class:`SpecError` names the entry. A wrong base
+  config therefore fails before any weight is read.
+* ``tensors`` lists only direct parameters/buffers (``recurse=False``) whose shape differs.
+  Applying replaces each with an uninitialised tensor of the recorded shape, keeping dtype, device,
+  ``requires_grad`` and buffer persistence; the weights file then fills it.
+* ``attrs`` lists public instance attributes that are numbers or (nested) tuples/lists of numbers
+  and differ from the base (``out_features``, ``num_heads``, ``attn_dim``, ``normalized_shape``,
+  ``(C, 1, 1)`` broadcast shapes, ...). JSON lists are turned back into the container type the base
+  attribute has (tuple, list, ``torch.Size``); a new attribute gets a tuple.
+* ``removed_blocks``: the module at ``path`` is replaced by :class:`PassThrough`, which returns its
+  first input unchanged; its descendants are gone (no entry may point inside it).
+* A reader raises :class:`SpecError` on a ``format_version`` it does not know, on malformed fields
+  and on non-empty fields it cannot apply, before building anything.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["FORMAT_VERSION", "ROLES", "SpecError", "PassThrough", "structure_spec", "apply_spec",
+           "validate_spec", "layer_role"]
+
+FORMAT_VERSION = 1
+ROLES = ("linear", "conv", "norm", "embedding", "attention", "other")
+SPARSE_THRESHOLD = 0.01  # tensors with more than 1% zeros are listed in sparsity.layers
+_TOP_KEYS = ("format_version", "base", "layers", "removed_blocks", "merged_blocks", "sparsity", "method",
+             "stats", "versions")
+_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
+_HEAD_COUNT_ATTRS = ("num_heads", "num_attention_heads", "n_heads", "heads")  # = graph.tracer.HEAD_COUNT_ATTRS
+
+
+class SpecError(ValueError):
+    """A structure spec that is malformed, of an unknown version, or does not fit the model."""
+
+
+class PassThrough(nn.Module):
+    """Stands in for a removed block: returns its first input unchanged (extra arguments ignored)."""
+
+    def forward(self, x, *args, **kwargs):
+        return x
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def layer_role(module: nn.Module) -> str:
+    """Coarse role of a module, recorded for readers of the spec (not used as a key)."""
+    name = type(module).__name__
+    if isinstance(module, nn.Linear):
+        return "linear"
+    if isinstance(module, nn.modules.conv._ConvNd):
+        return "conv"
+    if isinstance(module, (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)) or "Norm" in name:
+        return "norm"
+    if isinstance(module, nn.Embedding) or "Embed" in name:
+        return "embedding"
+    if "Attention" in name or any(_is_int(getattr(module, a, None)) for a in _HEAD_COUNT_ATTRS):
+        return "attention"
+    return "other"
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return _is_int(v) or (isinstance(v, float) and math.isfinite(v))
+
+
+def _is_shape_value(v) -> bool:
+    """A number or a (nested) tuple/list of numbers: the kind of attribute a spec records."""
+    if _is_number(v):
+        return True
+    if isinstance(v, (tuple, list)):
+        return all(_is_shape_value(x) for x in v)
+    return False
+
+
+def _encode(v):
+    return [_encode(x) for x in v] if isinstance(v, (tuple, list)) else v
+
+
+def _decode(value, like):
+    """JSON value -> Python value, with the container types of ``like`` (the base's attribute)."""
+    if not isinstance(value, list):
+        return value
+    likes = list(like) if isinstance(like, (tuple, list)) and len(like) == len(value) else [None] * len(value)
+    items = [_decode(v, w) for v, w in zip(value, likes)]
+    if isinstance(like, torch.Size):
+        return torch.Size(items)
+    if isinstance(like, list):
+        return items
+    return tuple(items)
+
+
+def _shape_attrs(module: nn.Module) -> dict:
+    return {k: v for k, v in vars(module).items()
+            if not k.startswith("_") and k != "training" and _is_shape_value(v)}
+
+
+def _own_tensors(module: nn.Module) -> dict:
+    return {**module._parameters, **module._buffers}
+
+
+def _modules_by_path(model: nn.Module) -> dict:
+    return dict(model.named_modules())
+
+
+def _type_names(module: nn.Module) -> set:
+    return {c.__name__ for c in type(module).__mro__}
+
+
+def _versions() -> dict:
+    from importlib import metadata
+
+    out = {}
+    for pkg in ("torch", "transformers", "timm"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg] = None
+    from .. import __version__
+
+    out["hf_prune"] = __version__
+    return out
+
+
+def _jsonable(value, what: str):
+    """A JSON-compatible copy of ``value``; tuples become lists, other objects their ``repr``."""
+    def default(o):
+        if isinstance(o, torch.Tensor) and o.numel() == 1:
+            return o.item()
+        if isinstance(o, (set, frozenset)):
+            return sorted(o, key=repr)
+        return repr(o)
+
+    try:
+        return json.loads(json.dumps(value, default=default, allow_nan=False))
+    except ValueError as exc:
+        raise SpecError(f"{what} is not JSON-serialisable: {exc}") from exc
+
+
+def _count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+# --------------------------------------------------------------------------- computing
+
+
+def _is_removed(pruned: nn.Module | None, base: nn.Module) -> bool:
+    return pruned is None or (isinstance(pruned, (nn.Identity, PassThrough))
+                              and not isinstance(base, (nn.Identity, PassThrough)))
+
+
+def _layer_entry(index: int, path: str, module: nn.Module, base: nn.Module) -> dict | None:
+    tensors, base_tensors, attrs = {}, {}, {}
+    mine, theirs = _own_tensors(module), _own_tensors(base)
+    if set(mine) != set(theirs):
+        raise SpecError(f"module '{path}' ({type(module).__name__}) has tensors {sorted(mine)} but the base has "
+                        f"{sorted(theirs)}; format v1 records new shapes, not added or removed tensors")
+    for name, t in mine.items():
+        b = theirs[name]
+        if (t is None) != (b is None):
+            raise SpecError(f"'{path}.{name}' is None in one of the pruned and base models; format v1 cannot "
+                            "record added or removed tensors")
+        if t is None or tuple(t.shape) == tuple(b.shape):
+            continue
+        if name in module._buffers and name in module._non_persistent_buffers_set:
+            raise SpecError(f"'{path}.{name}' is a non-persistent buffer whose shape changed; its values are not "
+                            "saved with the weights, so the pruned model cannot be rebuilt from the checkpoint")
+        tensors[name] = list(t.shape)
+        base_tensors[name] = list(b.shape)
+    new, old = _shape_attrs(module), _shape_attrs(base)
+    for name in old:
+        if name not in vars(module):
+            raise SpecError(f"attribute '{path}.{name}' exists in the base but not in the pruned model")
+    for name, value in new.items():
+        if name not in old or old[name] != value or type(old[name]) is not type(value):
+            if not _NAME.match(name):
+                continue
+            attrs[name] = _encode(value)
+    if not tensors and not attrs:
+        return None
+    return {"index": index, "path": path, "type": type(base).__name__, "role": layer_role(base),
+            "tensors": tensors, "base_tensors": base_tensors, "attrs": attrs}
+
+
+def _sparsity(model: nn.Module, index_of: dict) -> dict:
+    total = nonzero = 0
+    layers = []
+    for path, module in model.named_modules():
+        for name, p in module._parameters.items():
+            if p is None or p.dim() < 2 or p.is_meta:
+                continue
+            nz = int(torch.count_nonzero(p.detach()))
+            total += p.numel()
+            nonzero += nz
+            frac = nz / p.numel()
+            if 1.0 - frac > SPARSE_THRESHOLD and path in index_of:
+                layers.append({"index": index_of[path], "path": path, "tensor": name, "nonzero": round(frac, 6)})
+    if not layers:
+        return {}
+    return {"global_nonzero": round(nonzero / total, 6), "layers": layers}
+
+
+def structure_spec(model: nn.Module, base_model: nn.Module | None = None, *, method: str | None = None,
+                   settings: dict | None = None, stats: dict | None = None, model_args: dict | None = None) -> dict:
+    """The structure spec (format v1) of ``model`` relative to ``base_model``.
+
+    ``base_model`` is a freshly built model of the same configuration (any device, ``meta`` is
+    fine); by default it is rebuilt from ``model``'s config (transformers) or from the arguments
+    timm recorded at ``create_model`` (pass ``model_args`` to override them). ``stats`` entries
+    (``macs_before``, ``macs_after``, ...) are merged over the parameter counts computed here.
+    Raises :class:`SpecError` if the difference cannot be expressed in format v1 or if applying
+    the spec to a fresh base does not reproduce ``model``'s parameter names and shapes.
+    """
+    from ..masks import get_mask
+    from .base import base_model_of, build_base, describe_base
+
+    if get_mask(model) is not None:
+        raise SpecError("the model still carries pruning masks (prune(..., compact=False)); call "
+                        "hf_prune.compact(model) before saving it")
+    base_desc = describe_base(model, model_args)
+    if base_model is None:
+        base_model = base_model_of(model, model_args)
+    pruned_modules = _modules_by_path(model)
+    layers, removed = [], []
+    base_list = list(base_model.named_modules())
+    index_of = {path: i for i, (path, _) in enumerate(base_list)}
+    removed_prefixes: list[str] = []
+    for index, (path, base_mod) in enumerate(base_list):
+        if any(path.startswith(p + ".") for p in removed_prefixes):
+            continue
+        mod = pruned_modules.get(path)
+        if _is_removed(mod, base_mod):
+            if path == "":
+                raise SpecError("the whole model was replaced; nothing to save")
+            removed.append({"index": index, "path": path, "type": type(base_mod).__name__})
+            removed_prefixes.append(path)
+            continue
+        if type(mod) is not type(base_mod) and type(base_mod) not in type(mod).__mro__:
+            raise SpecError(f"module '{path}' is a {type(mod).__name__} but the base has a {type(base_mod).__name__}; "
+                            "format v1 cannot record replaced (merged) modules")
+        entry = _layer_entry(index, path, mod, base_mod)
+        if entry is not None:
+            layers.append(entry)
+    extra = [p for p in pruned_modules if p not in index_of and not any(p == r or p.startswith(r + ".")
+                                                                        for r in removed_prefixes)]
+    if extra:
+        raise SpecError(f"the pruned model has modules the base does not have: {extra[:5]}; format v1 cannot "
+                        "record added modules")
+    # A model loaded from (or saved to) a checkpoint carries its spec in config.hf_prune; when the
+    # structure is unchanged, keep what only the original pruning run knew (method, MACs).
+    previous = _previous_spec(model)
+    if previous and (previous.get("layers"), previous.get("removed_blocks")) != (layers, removed):
+        previous = None
+    if method is None and previous:
+        method, settings = previous["method"].get("name"), settings or previous["method"].get("settings")
+    all_stats = {"params_before": _count_params(base_model), "params_after": _count_params(model)}
+    if previous:
+        all_stats.update({k: v for k, v in previous.get("stats", {}).items() if k not in all_stats})
+    all_stats.update(stats or {})
+    spec = {
+        "format_version": FORMAT_VERSION,
+        "base": base_desc,
+        "layers": layers,
+        "removed_blocks": removed,
+        "merged_blocks": [],
+        "sparsity": _sparsity(model, index_of),
+        "method": {"name": method, "settings": _jsonable(settings or {}, "method settings")},
+        "stats": _jsonable(all_stats, "stats"),
+        "versions": _versions(),
+    }
+    validate_spec(spec)
+    # The spec must rebuild the model: apply it to a second fresh base and compare names and shapes.
+    check = build_base(base_desc, config=getattr(model, "config", None)
+                       if base_desc["library"] == "transformers" else None)
+    apply_spec(check, spec)
+    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in check.state_dict().items()}
+    if want != got:
+        diff = sorted(set(want.items()) ^ set(got.items()))[:6]
+        raise SpecError(f"the spec does not reproduce the pruned model (differences: {diff}); the model was "
+                        "changed in a way format v1 cannot record")
+    return spec
+
+
+def _previous_spec(model: nn.Module) -> dict | None:
+    spec = getattr(getattr(model, "config", None), "hf_prune", None)
+    return spec if isinstance(spec, dict) and isinstance(spec.get("method"), dict) else None
+
+
+# --------------------------------------------------------------------------- validating
+
+
+def _fail(msg: str):
+    raise SpecError(f"invalid hf_prune structure spec: {msg}")
+
+
+def _check_shape(shape, where: str):
+    if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+        _fail(f"{where} must be a list of non-negative integers, got {shape!r}")
+
+
+def _check_ref(entry, where: str):
+    if not isinstance(entry, dict):
+        _fail(f"{where} must be an object, got {type(entry).__name__}")
+    if not _is_int(entry.get("index")) or entry["index"] < 0:
+        _fail(f"{where}.index must be a non-negative integer, got {entry.get('index')!r}")
+    if not isinstance(entry.get("path"), str):
+        _fail(f"{where}.path must be a string, got {entry.get('path')!r}")
+    if not isinstance(entry.get("type"), str) or not entry["type"]:
+        _fail(f"{where}.type must be a class name, got {entry.get('type')!r}")
+
+
+def validate_spec(spec) -> dict:
+    """Check a spec's structure without touching any model; return it or raise :class:`SpecError`."""
+    if not isinstance(spec, dict):
+        _fail(f"expected a JSON object, got {type(spec).__name__}")
+    version = spec.get("format_version")
+    if version != FORMAT_VERSION or not _is_int(version):
+        raise SpecError(f"unsupported hf_prune format_version {version!r}: this hf_prune reads version "
+                        f"{FORMAT_VERSION}. Upgrade hf_prune (pip install -U hf_prune) to load this checkpoint.")
+    missing = [k for k in _TOP_KEYS if k not in spec]
+    if missing:
+        _fail(f"missing fields {missing}")
+    base = spec["base"]
+    if not isinstance(base, dict) or base.get("library") not in ("transformers", "timm"):
+        _fail(f"base.library must be 'transformers' or 'timm', got {base.get('library') if isinstance(base, dict) else base!r}")
+    if not isinstance(base.get("architecture"), str) or not base["architecture"]:
+        _fail(f"base.architecture must be a non-empty string, got {base.get('architecture')!r}")
+    if not isinstance(base.get("config"), dict):
+        _fail("base.config must be an object")
+    if base.get("source") is not None and not isinstance(base["source"], str):
+        _fail(f"base.source must be a Hub repo id or null, got {base['source']!r}")
+    if base["library"] == "timm" and not isinstance(base["config"].get("model_args", {}), dict):
+        _fail("base.config.model_args must be an object")
+    if base["library"] == "transformers" and not _NAME.match(base["architecture"]):
+        _fail(f"base.architecture {base['architecture']!r} is not a class name")
+
+    for key in ("layers", "removed_blocks", "merged_blocks"):
+        if not isinstance(spec[key], list):
+            _fail(f"{key} must be a list")
+    if spec["merged_blocks"]:
+        raise SpecError("this checkpoint has merged blocks (merged_blocks is not empty), which this version of "
+                        "hf_prune cannot rebuild; upgrade hf_prune")
+    seen_index, seen_path = {}, {}
+    for i, entry in enumerate(spec["layers"]):
+        where = f"layers[{i}]"
+        _check_ref(entry, where)
+        if entry.get("role") not in ROLES:
+            _fail(f"{where}.role must be one of {ROLES}, got {entry.get('role')!r}")
+        for field in ("tensors", "attrs"):
+            if not isinstance(entry.get(field), dict):
+                _fail(f"{where}.{field} must be an object")
+        if not entry["tensors"] and not entry["attrs"]:
+            _fail(f"{where} ('{entry['path']}') changes nothing")
+        base_tensors = entry.get("base_tensors", {})
+        if not isinstance(base_tensors, dict) or set(base_tensors) - set(entry["tensors"]):
+            _fail(f"{where}.base_tensors must be an object with a subset of the names in tensors")
+        for name, shape in list(entry["tensors"].items()) + [(f"base:{k}", v) for k, v in base_tensors.items()]:
+            if not _NAME.match(name.removeprefix("base:")):
+                _fail(f"{where}.tensors has an invalid name {name!r}")
+            _check_shape(shape, f"{where}.tensors[{name!r}]")
+        for name, value in entry["attrs"].items():
+            if not _NAME.match(name):
+                _fail(f"{where}.attrs has an invalid attribute name {name!r}")
+            if not _is_shape_value(value):
+                _fail(f"{where}.attrs[{name!r}] must be a number or a list of numbers, got {value!r}")
+        for key, table in (("index", seen_index), ("path", seen_path)):
+            if entry[key] in table:
+                _fail(f"{where} and layers[{table[entry[key]]}] both have {key} {entry[key]!r}")
+            table[entry[key]] = i
+    removed_paths = []
+    for i, entry in enumerate(spec["removed_blocks"]):
+        _check_ref(entry, f"removed_blocks[{i}]")
+        if entry["path"] == "":
+            _fail(f"removed_blocks[{i}] removes the whole model")
+        removed_paths.append(entry["path"])
+    for i, entry in enumerate(spec["layers"]):
+        for r in removed_paths:
+            if entry["path"] == r or entry["path"].startswith(r + "."):
+                _fail(f"layers[{i}] ('{entry['path']}') lies inside removed block '{r}'")
+
+    sparsity = spec["sparsity"]
+    if not isinstance(sparsity, dict):
+        _fail("sparsity must be an object")
+    if sparsity:
+        g = sparsity.get("global_nonzero")
+        if not _is_number(g) or not 0 <= g <= 1:
+            _fail(f"sparsity.global_nonzero must be a fraction, got {g!r}")
+        if not isinstance(sparsity.get("layers"), list):
+            _fail("sparsity.layers must be a list")
+        for i, entry in enumerate(sparsity["layers"]):
+            if not isinstance(entry, dict) or not _is_number(entry.get("nonzero")) or not 0 <= entry["nonzero"] <= 1:
+                _fail(f"sparsity.layers[{i}] must have a nonzero fraction")
+    method = spec["method"]
+    if not isinstance(method, dict) or not (method.get("name") is None or isinstance(method.get("name"), str)) \
+            or not isinstance(method.get("settings", {}), dict):
+        _fail("method must be an object {name: string or null, settings: object}")
+    if not isinstance(spec["stats"], dict) or not all(v is None or _is_number(v) for v in spec["stats"].values()):
+        _fail("stats must map names to numbers")
+    if not isinstance(spec["versions"], dict) or not all(v is None or isinstance(v, str)
+                                                          for v in spec["versions"].values()):
+        _fail("versions must map package names to version strings")
+    return spec
+
+
+# --------------------------------------------------------------------------- applying
+
+
+def apply_spec(model: nn.Module, spec: dict) -> nn.Module:
+    """Resize a freshly built base ``model`` in place so that it has the pruned structure.
+
+    Every entry is checked against the model (index, path, type, base shapes) before anything is
+    changed; a mismatch raises :class:`SpecError` naming the entry and leaves the model untouched.
+    New tensors are uninitialised (load the weights afterwards).
+    """
+    validate_spec(spec)
+    modules = list(model.named_modules())
+
+    def lookup(entry, where):
+        i = entry["index"]
+        if i >= len(modules):
+            raise SpecError(f"{where} ('{entry['path']}'): index {i} is out of range, the model has only "
+                            f"{len(modules)} modules; the checkpoint was made from another configuration")
+        path, module = modules[i]
+        if path != entry["path"] or entry["type"] not in _type_names(module):
+            raise SpecError(f"{where}: expected a {entry['type']} at '{entry['path']}' (module #{i}) but found a "
+                            f"{type(module).__name__} at '{path}'; the checkpoint was made from another "
+                            "configuration or library version")
+        return module
+
+    plan = []
+    for n, entry in enumerate(spec["layers"]):
+        where = f"layers[{n}]"
+        module = lookup(entry, where)
+        own = _own_tensors(module)
+        for name, shape in entry["tensors"].items():
+            if own.get(name) is None:
+                raise SpecError(f"{where} ('{entry['path']}'): {type(module).__name__} has no tensor '{name}'")
+            want = entry.get("base_tensors", {}).get(name)
+            if want is not None and list(own[name].shape) != want:
+                raise SpecError(f"{where} ('{entry['path']}.{name}'): the base has shape {list(own[name].shape)}, the "
+                                f"spec was made from a base with shape {want}; the configuration differs")
+        for name in entry["attrs"]:
+            if name in module._parameters or name in module._buffers or name in module._modules:
+                raise SpecError(f"{where} ('{entry['path']}'): attribute '{name}' names a tensor or submodule")
+        plan.append((entry, module))
+    removals = [(entry, lookup(entry, f"removed_blocks[{n}]")) for n, entry in enumerate(spec["removed_blocks"])]
+
+    for entry, module in plan:
+        for name, shape in entry["tensors"].items():
+            old = _own_tensors(module)[name]
+            new = torch.empty(shape, dtype=old.dtype, device=old.device)
+            if name in module._parameters:
+                module._parameters[name] = nn.Parameter(new, requires_grad=old.requires_grad)
+            else:
+                module._buffers[name] = new
+        for name, value in entry["attrs"].items():
+            setattr(module, name, _decode(value, getattr(module, name, None)))
+    by_path = dict(model.named_modules())
+    for entry, _ in removals:
+        parent_path, _, child = entry["path"].rpartition(".")
+        parent = by_path[parent_path]
+        parent._modules[child] = PassThrough()
+    return model
