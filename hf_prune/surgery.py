@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .adapters import sync_config
 from .graph.tracer import HEAD_COUNT_ATTRS
 
 HEAD_WIDTH_ATTRS = ("all_head_size", "attn_dim", "inner_dim", "all_head_dim")
@@ -82,6 +83,7 @@ def compact_units(model: nn.Module, graph, keep: torch.Tensor) -> Undo:
             if shapes:
                 _fix_module(module, shapes, undo)
         _fix_heads(model, graph, keep, undo)
+        sync_config(model, undo)
         # Some timm attention layers cache tensors in eval mode and flush them on .train().
         was_training = model.training
         model.train(True)

@@ -377,3 +377,13 @@ def test_pruner_steps_only_grow_masks_and_compact_exactly():
     masked = _call(model, x)
     pruner.compact()
     assert torch.allclose(_call(model, x), masked, rtol=0, atol=1e-4 * masked.abs().max().item())
+
+
+def test_transformers_config_follows_uniform_widths():
+    model, x = _hf("vit")
+    prune(model, example_inputs=x, target_macs=0.5, mode="local", round_to=None, prune_stem=True)
+    cfg = model.config
+    layers = model.vit.layers
+    assert cfg.hidden_size == model.classifier.in_features == layers[0].attention.q_proj.in_features
+    assert cfg.num_attention_heads == layers[0].attention.num_attention_heads < 6
+    assert cfg.intermediate_size == layers[0].mlp.fc1.out_features < 192
