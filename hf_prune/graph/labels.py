@@ -77,12 +77,38 @@ class UnionFind:
 
 def compress(plane: torch.Tensor) -> torch.Tensor:
     """Shrink a label plane to size 1 along every dimension where its values do not vary."""
+    for d in range(plane.dim()):  # broadcast (stride-0) dims first: they need no comparison
+        if plane.shape[d] > 1 and plane.stride(d) == 0:
+            plane = plane.narrow(d, 0, 1)
     for d in range(plane.dim()):
         if plane.shape[d] > 1:
             first = plane.narrow(d, 0, 1)
             if bool((plane == first).all()):
                 plane = first
     return plane
+
+
+def reshape_plane(plane: torch.Tensor, in_shape, out_shape) -> torch.Tensor:
+    """Reshape a compressed plane without materialising dims it does not vary along.
+
+    Leading and trailing dims that the reshape leaves alone stay broadcast (size 1) where the
+    plane does not vary, so a (1, 1, C) plane of a (B, N, C) tensor reshaped to (B, N, 3, H, D)
+    costs C elements, not B*N*C.
+    """
+    in_shape, out_shape = tuple(in_shape), tuple(out_shape)
+    if in_shape == out_shape:
+        return plane
+    p = 0
+    while p < min(len(in_shape), len(out_shape)) - 1 and in_shape[p] == out_shape[p] and plane.shape[p] == 1:
+        p += 1
+    q = 0
+    while (q < min(len(in_shape), len(out_shape)) - p - 1 and in_shape[-1 - q] == out_shape[-1 - q]
+           and plane.shape[-1 - q] == 1):
+        q += 1
+    mid_in = in_shape[p:len(in_shape) - q]
+    mid_out = out_shape[p:len(out_shape) - q]
+    core = plane.reshape(plane.shape[p:plane.dim() - q]).expand(mid_in).reshape(mid_out)
+    return core.reshape((1,) * p + tuple(mid_out) + (1,) * q)
 
 
 def varying_dims(plane: torch.Tensor) -> set[int]:

@@ -25,7 +25,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map
 
-from .labels import Labels, Pins, UnionFind, compress, varying_dims, zeros_plane
+from .labels import Labels, Pins, UnionFind, compress, reshape_plane, varying_dims, zeros_plane
 
 aten = torch.ops.aten
 
@@ -328,6 +328,13 @@ class Tracer(TorchDispatchMode):
 
     # ------------------------------------------------------------------ rule families
     def _move(self, func, name, args, kwargs, out):
+        if name in _RESHAPE and isinstance(out, torch.Tensor) and self._get(args[0]) is not None:
+            lab = self._get(args[0])
+            planes = [None if p is None else reshape_plane(p.expand(args[0].shape) if p.dim() != args[0].dim() else p,
+                                                           args[0].shape, out.shape)
+                      for p in lab.planes()]
+            self._set(out, Labels.from_planes(planes, lab))
+            return
         labs = [(t, self._get(t)) for t in _tensors((args, kwargs)) if _is_float(t)]
         labelled = [lab for _, lab in labs if lab is not None]
         param_mode = (len(labelled) == len(labs) and all(l.is_param for l in labelled)
