@@ -12,6 +12,8 @@ import math
 
 import torch
 
+from .utils import single_threaded_fn
+
 MODES = ("global", "local")
 
 
@@ -23,24 +25,37 @@ def _keep_count(n: int, wanted: float, kind: str, round_to: int | None) -> int:
     return max(1, min(n, int(math.floor(wanted + 0.5))))
 
 
-def _removed_for(graph, scores, counts) -> torch.Tensor:
-    removed = []
-    for g, k in zip(graph.groups, counts):
-        if k < len(g):
+class _Ranking:
+    """All units of all groups in one tensor, ranked by score inside their group."""
+
+    def __init__(self, graph, scores, norm_scores):
+        self.units = torch.cat([g.units for g in graph.groups])
+        self.group = torch.cat([torch.full((len(g),), i) for i, g in enumerate(graph.groups)])
+        self.sizes = [len(g) for g in graph.groups]
+        self.kinds = [g.kind for g in graph.groups]
+        self.norm = norm_scores[self.units]
+        rank = torch.empty_like(self.units)
+        offset = 0
+        for g in graph.groups:
             order = torch.argsort(scores[g.units], stable=True)
-            removed.append(g.units[order[: len(g) - k]])
-    return torch.cat(removed) if removed else torch.zeros(0, dtype=torch.int64)
+            rank[offset + order] = torch.arange(len(g))
+            offset += len(g)
+        self.rank = rank
+
+    def removed(self, counts) -> torch.Tensor:
+        """The lowest-ranked ``size - count`` units of every group."""
+        drop = torch.tensor([n - k for n, k in zip(self.sizes, counts)])
+        return self.units[self.rank < drop[self.group]]
+
+    def counts_local(self, ratio: float, round_to) -> list:
+        return [_keep_count(n, n * (1 - ratio), kind, round_to) for n, kind in zip(self.sizes, self.kinds)]
+
+    def counts_global(self, threshold: float, round_to) -> list:
+        above = torch.zeros(len(self.sizes)).index_add_(0, self.group, (self.norm >= threshold).float())
+        return [_keep_count(n, float(a), kind, round_to) for n, a, kind in zip(self.sizes, above, self.kinds)]
 
 
-def counts_local(graph, ratio: float, round_to) -> list:
-    return [_keep_count(len(g), len(g) * (1 - ratio), g.kind, round_to) for g in graph.groups]
-
-
-def counts_global(graph, norm_scores, threshold: float, round_to) -> list:
-    return [_keep_count(len(g), float((norm_scores[g.units] >= threshold).sum()), g.kind, round_to)
-            for g in graph.groups]
-
-
+@single_threaded_fn
 def allocate(graph, scores, norm_scores, *, sparsity=None, target_macs=None, mode="global",
              round_to=8) -> torch.Tensor:
     """Roots of the units to remove so that the target is met (or as close as rounding allows)."""
@@ -52,13 +67,14 @@ def allocate(graph, scores, norm_scores, *, sparsity=None, target_macs=None, mod
     if not graph.groups:
         raise ValueError("nothing to prune: every channel of this model is pinned "
                          f"({graph.summary()}); see DependencyGraph.trace.pins for the reasons")
+    ranking = _Ranking(graph, scores, norm_scores)
     if target_macs is not None:
         if not 0 < target_macs <= 1:
             raise ValueError(f"target_macs={target_macs} must be in (0, 1]: the fraction of dense MACs to keep")
         dense = graph.macs()
 
         def reached(counts):
-            return graph.macs(graph.keep_mask(_removed_for(graph, scores, counts))) <= target_macs * dense
+            return graph.macs(graph.keep_mask(ranking.removed(counts))) <= target_macs * dense
     else:
         if not 0 <= sparsity < 1:
             raise ValueError(f"sparsity={sparsity} must be in [0, 1): the fraction of prunable parameters to remove")
@@ -66,19 +82,18 @@ def allocate(graph, scores, norm_scores, *, sparsity=None, target_macs=None, mod
         total = graph.params()
 
         def reached(counts):
-            kept = graph.params(graph.keep_mask(_removed_for(graph, scores, counts)))
+            kept = graph.params(graph.keep_mask(ranking.removed(counts)))
             return total - kept >= sparsity * prunable
 
     if mode == "local":
         lo, hi = 0.0, 1.0
-        counts_at = lambda x: counts_local(graph, x, round_to)  # noqa: E731
+        counts_at = lambda x: ranking.counts_local(x, round_to)  # noqa: E731
     else:
-        values = torch.sort(torch.cat([norm_scores[g.units] for g in graph.groups])).values
-        lo, hi = 0.0, float(values[-1]) * (1 + 1e-9) + 1e-12
-        counts_at = lambda x: counts_global(graph, norm_scores, x, round_to)  # noqa: E731
+        lo, hi = 0.0, float(ranking.norm.max()) * (1 + 1e-9) + 1e-12
+        counts_at = lambda x: ranking.counts_global(x, round_to)  # noqa: E731
     if not reached(counts_at(hi)):
         what = f"target_macs={target_macs}" if target_macs is not None else f"sparsity={sparsity}"
-        smallest = graph.macs(graph.keep_mask(_removed_for(graph, scores, counts_at(hi)))) / graph.macs()
+        smallest = graph.macs(graph.keep_mask(ranking.removed(counts_at(hi)))) / graph.macs()
         raise ValueError(f"{what} cannot be reached: removing every prunable unit (keeping round_to="
                          f"{round_to} channels and one head per group) still keeps {smallest:.1%} of MACs. "
                          "Ask for less, set prune_stem=True, or lower round_to.")
@@ -88,4 +103,4 @@ def allocate(graph, scores, norm_scores, *, sparsity=None, target_macs=None, mod
             hi = mid
         else:
             lo = mid
-    return _removed_for(graph, scores, counts_at(hi))
+    return ranking.removed(counts_at(hi))

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from .utils import single_threaded_fn
+
 IMPORTANCES = ("l1", "l2", "taylor")
 
 
@@ -26,6 +28,7 @@ def _elementwise_score(param: torch.Tensor, kind: str) -> torch.Tensor:
     raise ValueError(f"unknown importance {kind!r}; choose one of {IMPORTANCES}")
 
 
+@single_threaded_fn
 def unit_scores(graph, kind: str = "l2") -> torch.Tensor:
     """Raw score per union-find root (0 for roots that are not units)."""
     if kind not in IMPORTANCES:
@@ -45,6 +48,7 @@ def unit_scores(graph, kind: str = "l2") -> torch.Tensor:
     return scores
 
 
+@single_threaded_fn
 def normalized_scores(graph, scores: torch.Tensor) -> torch.Tensor:
     """Scores divided by their group's mean, so groups can be ranked together."""
     out = scores.clone()

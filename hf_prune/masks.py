@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .utils import single_threaded_fn
+
 ATTR = "hf_prune_mask"
 
 
@@ -69,6 +71,7 @@ class StructuredMask:
             if gone.numel():
                 yield m.tensor, m.dim, gone
 
+    @single_threaded_fn
     def _install(self, model: nn.Module) -> None:
         tensors = self.graph._named_tensors()
         for name, _, _ in self.removed_slices():
@@ -87,6 +90,7 @@ class StructuredMask:
             self.handles.append(module.register_forward_hook(MaskedNorm(kept, roots.numel())))
 
     @torch.no_grad()
+    @single_threaded_fn
     def enforce(self, model: nn.Module) -> None:
         """Zero removed slices again (call after every optimizer step)."""
         tensors = self.graph._named_tensors()

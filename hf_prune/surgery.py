@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from .adapters import sync_config
+from .utils import single_threaded_fn
 from .graph.tracer import HEAD_COUNT_ATTRS
 
 HEAD_WIDTH_ATTRS = ("all_head_size", "attn_dim", "inner_dim", "all_head_dim")
@@ -57,6 +58,7 @@ def sliced_tensors(graph, keep: torch.Tensor) -> dict:
     return new
 
 
+@single_threaded_fn
 def compact_units(model: nn.Module, graph, keep: torch.Tensor) -> Undo:
     """Remove every unit with ``keep[root] == False``. Returns the undo record."""
     undo = Undo()
@@ -75,7 +77,7 @@ def compact_units(model: nn.Module, graph, keep: torch.Tensor) -> Undo:
                 old_shapes[id(module)] = old_shapes.get(id(module), {})
                 old_shapes[id(module)][attr] = tuple(old.shape)
                 if made is None:
-                    made = nn.Parameter(value.clone(), requires_grad=old.requires_grad) if kind == "_parameters" else value.clone()
+                    made = nn.Parameter(value, requires_grad=old.requires_grad) if kind == "_parameters" else value
                 undo.tensors.append((module, kind, attr, old))
                 getattr(module, kind)[attr] = made
         for module in model.modules():

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from ..errors import PruningError
+from ..utils import single_threaded_fn
 from .labels import compress
 from .tracer import HEAD_COUNT_ATTRS, Trace, trace
 
@@ -49,6 +50,7 @@ class Group:
 class DependencyGraph:
     """Coupled units of a model, traced from ``example_inputs``."""
 
+    @single_threaded_fn
     def __init__(self, model: nn.Module, example_inputs, *, ignored_layers=(), prune_stem=False,
                  prune_heads=True, frozen_modules=()):
         self.model = model
@@ -199,37 +201,34 @@ class DependencyGraph:
         return torch.nonzero(keep[member.units]).reshape(-1)
 
     def _plan_macs(self, rec):
+        """Precompute one MAC record: scale, scalar roots, tensor operands, einsum equation, dense count."""
         letters = iter(string.ascii_letters)
-        axes = {}
-        operands, subs = [], []
+        axes, scalars, operands, subs = {}, [], [], []
         for f in rec.factors:
             roots = compress(self.trace.uf.find(f))
             if roots.numel() == 1:
-                operands.append(roots.reshape(()))
-                subs.append("")
+                scalars.append(int(roots.reshape(())))
                 continue
             sub = ""
             for d, n in enumerate(roots.shape):
                 if n > 1:
-                    axes.setdefault(d, next(letters))
-                    sub += axes[d]
+                    sub += axes.setdefault(d, next(letters))
             operands.append(roots.squeeze())
             subs.append(sub)
+        sizes = {axes[d]: n for d, n in enumerate(rec.shape) if d in axes}
         free = math.prod(n for d, n in enumerate(rec.shape) if d not in axes)
-        return rec.const * free, operands, ",".join(subs) + "->"
+        return (rec.const * free, torch.tensor(scalars, dtype=torch.int64), operands,
+                ",".join(subs) + "->", math.prod(sizes.values()))
 
+    @single_threaded_fn
     def macs(self, keep: torch.Tensor | None = None) -> int:
-        total = 0
-        for scale, operands, eq in self._mac_plan:
+        total = 0.0
+        for scale, scalars, operands, eq, dense in self._mac_plan:
             if keep is None:
-                total += scale * _dense_count(operands, eq)
-                continue
-            scalars = [bool(keep[o]) for o in operands if o.dim() == 0]
-            if not all(scalars):
-                continue
-            tensors = [keep[o].double() for o in operands if o.dim()]
-            subs = [s for s, o in zip(eq[:-2].split(","), operands) if o.dim()]
-            total += scale * (float(torch.einsum(",".join(subs) + "->", *tensors)) if tensors else 1.0)
+                total += scale * dense
+            elif not scalars.numel() or bool(keep[scalars].all()):
+                total += scale * (float(torch.einsum(eq, *[keep[o].double() for o in operands]))
+                                  if operands else 1.0)
         return int(round(total))
 
     def params(self, keep: torch.Tensor | None = None, *, only_prunable=False) -> int:
@@ -258,10 +257,3 @@ class DependencyGraph:
                 f"{len(self.members)} coupled tensor dims, {len(self.trace.unknown)} ops without a rule")
 
 
-def _dense_count(operands, eq) -> float:
-    ins = eq.split("->")[0].split(",")
-    sizes = {}
-    for o, sub in zip(operands, ins):
-        for letter, n in zip(sub, o.shape):
-            sizes[letter] = n
-    return float(math.prod(sizes.values()))
