@@ -15,6 +15,9 @@ _EXPORTS = {
     "DependencyGraph": "hf_prune.graph",
     "StructuredPruner": "hf_prune.pruner",
     "profile": "hf_prune.profiling",
+    "save_pretrained": "hf_prune.hub",
+    "push_to_hub": "hf_prune.hub",
+    "AutoPrunedModel": "hf_prune.hub",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -17,7 +17,14 @@ from .pruner import StructuredPruner, _BrokenForward, compact
 __all__ = ["prune", "compact", "PruningError"]
 
 STRUCTURED_METHODS = ("depgraph",)
+PRUNE_RECORD = "hf_prune_record"  # model attribute: method, settings and before/after counts
 MAX_REPAIRS = 4
+
+
+def _batch_size(example_inputs) -> int:
+    first = next(iter(example_inputs.values())) if isinstance(example_inputs, dict) else (
+        example_inputs[0] if isinstance(example_inputs, (tuple, list)) else example_inputs)
+    return int(first.shape[0]) if getattr(first, "dim", lambda: 0)() else 1
 
 
 def _taylor_gradients(model, calib, loss_fn, max_batches=8):
@@ -65,6 +72,15 @@ def prune(model: nn.Module, method: str = "depgraph", *, example_inputs=None, sp
             pruner = StructuredPruner(model, example_inputs, importance=importance, mode=mode,
                                       round_to=round_to, frozen_modules=frozen, **options)
             pruner.step(sparsity=sparsity, target_macs=target_macs)
+            stats = pruner.stats()
+            model.__dict__[PRUNE_RECORD] = {
+                "method": method,
+                "settings": {"target_macs": target_macs, "sparsity": sparsity, "importance": importance,
+                             "mode": mode, "round_to": round_to, "prune_stem": prune_stem},
+                "stats": {"params_before": pruner.dense_params, "params_after": stats["params"],
+                          "macs_before": pruner.dense_macs, "macs_after": stats["macs"],
+                          "macs_batch_size": _batch_size(example_inputs)},
+            }
             return pruner.compact() if compact else model
         except _BrokenForward as exc:
             # A layer read a width the trace cannot see (e.g. head size as C // num_heads, or equal

@@ -109,7 +109,8 @@ def _describe_base(model: nn.Module, model_args: dict | None = None) -> dict:
         config.pop("transformers_version", None)
         config.pop("auto_map", None)
         config["architectures"] = [cls.__name__]
-        return {"library": "transformers", "architecture": cls.__name__, "config": _jsonable(config)}
+        config = json.loads(json.dumps(config, default=str))  # informative copy: be lenient
+        return {"library": "transformers", "architecture": cls.__name__, "config": config}
     cfg = dict(getattr(model, "pretrained_cfg", {}) or {})
     arch = cfg.get("architecture") or getattr(model, "default_cfg", {}).get("architecture")
     if not arch:
@@ -128,7 +129,7 @@ def _transformers_class(name: str) -> type:
     import transformers
 
     cls = getattr(transformers, name, None)
-    if not isinstance(cls, type) or not hasattr(cls, "from_pretrained"):
+    if not isinstance(cls, type) or not issubclass(cls, transformers.PreTrainedModel):
         raise SpecError(f"transformers {transformers.__version__} has no model class {name!r}; "
                         "a newer transformers may be needed to load this checkpoint")
     return cls

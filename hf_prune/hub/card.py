@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any
 
 from torch import nn
 
-__all__ = ["render_card", "write_card", "plot_layers", "layer_widths", "TEMPLATE_NAME", "PLOT_NAME"]
+__all__ = ["render_card", "prepare_card", "write_card", "plot_layers", "layer_widths", "TEMPLATE_NAME", "PLOT_NAME"]
 
 TEMPLATE_NAME = "pruned_model.md.j2"
 PLOT_NAME = "pruned_layers.png"
@@ -72,7 +71,10 @@ def plot_layers(rows: list[dict], path: Path, title: str = "") -> Path:
         ax.plot([x for x, _ in sparse], [v for _, v in sparse], "o", ms=3, color="#F58518", label="nonzero weights")
     ax.set_ylim(0, 1.05)
     ax.set_xlim(-0.6, max(len(rows) - 0.4, 0.6))
-    ax.set_xlabel("layer (model order)")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("Linear / Conv layer (model order)")
     ax.set_ylabel("fraction of base")
     ax.set_title(title or "Per-layer width after pruning", fontsize=10)
     ax.legend(loc="lower right", fontsize=8)
@@ -122,6 +124,9 @@ def render_card(spec: dict, *, repo_id: str | None = None, metrics=None, speed: 
     import jinja2
     from huggingface_hub import ModelCardData
 
+    if speed is not None and (not isinstance(speed, dict) or "speedup" not in speed):
+        raise ValueError("speed must be a dict with a measured 'speedup' (and 'device', 'batch'), got "
+                         f"{speed!r}")
     card_data = dict(card_data or {})
     arch = spec["base"]["architecture"]
     method = spec["method"].get("name")
@@ -145,7 +150,8 @@ def render_card(spec: dict, *, repo_id: str | None = None, metrics=None, speed: 
         params_ratio=_ratio(stats.get("params_after"), stats.get("params_before")),
         macs_before=_human(stats.get("macs_before")), macs_after=_human(stats.get("macs_after")),
         macs_ratio=_ratio(stats.get("macs_after"), stats.get("macs_before")),
-        speed=speed or None, metrics=metric_rows, settings=spec["method"].get("settings") or {},
+        speed={"device": None, "batch": None, "dtype": None, **speed} if speed else None,
+        metrics=metric_rows, settings=spec["method"].get("settings") or {},
         n_layers=sum(1 for e in spec["layers"] if e["tensors"]),
         n_attention=sum(1 for e in spec["layers"] if e["role"] == "attention"),
         n_removed=len(spec["removed_blocks"]),
@@ -154,21 +160,21 @@ def render_card(spec: dict, *, repo_id: str | None = None, metrics=None, speed: 
     return re.sub(r"\n{3,}", "\n\n", text)
 
 
-def write_card(directory: Path, spec: dict, *, model: nn.Module, metrics=None, speed: dict | None = None,
-               repo_id: str | None = None, standalone: bool = False, card_data: dict | None = None,
-               base_model: str | None = None) -> Path:
-    """Write ``README.md`` and ``pruned_layers.png`` into ``directory``; return the card's path."""
-    if speed is not None:
-        if not isinstance(speed, dict) or "speedup" not in speed:
-            raise ValueError("speed must be a dict with a measured 'speedup' (and 'device', 'batch')")
-    directory = Path(directory)
+def prepare_card(spec: dict, *, model: nn.Module, metrics=None, speed: dict | None = None,
+                 repo_id: str | None = None, standalone: bool = False, card_data: dict | None = None,
+                 base_model: str | None = None) -> tuple[str, list[dict]]:
+    """(card text, plot rows): everything is checked here, before anything is written."""
     rows = layer_widths(model, spec)
-    plot = None
+    text = render_card(spec, repo_id=repo_id, metrics=metrics, speed=speed, standalone=standalone,
+                       card_data=card_data, base_model=base_model, plot=PLOT_NAME if rows else None)
+    return text, rows
+
+
+def write_card(directory: Path, spec: dict, text: str, rows: list[dict]) -> Path:
+    """Write ``README.md`` and ``pruned_layers.png`` (made by :func:`prepare_card`) into ``directory``."""
+    directory = Path(directory)
     if rows:
         plot_layers(rows, directory / PLOT_NAME, title=f"{spec['base']['architecture']}: per-layer width")
-        plot = PLOT_NAME
-    text = render_card(spec, repo_id=repo_id, metrics=metrics, speed=speed, standalone=standalone,
-                       card_data=card_data, base_model=base_model, plot=plot)
     path = directory / "README.md"
     path.write_text(text, encoding="utf-8")
     return path

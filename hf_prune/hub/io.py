@@ -15,11 +15,11 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 
+from ..api import PRUNE_RECORD
 from .base import _transformers_class, build_base, library_of, transformers_base_class
 from .spec import SpecError, apply_spec, structure_spec, validate_spec
 
@@ -46,6 +46,7 @@ _AUTO_CLASSES = (
 # --------------------------------------------------------------------------- saving
 
 
+
 def save_pretrained(model: nn.Module, save_directory: str | os.PathLike, *, metrics: dict | None = None,
                     method: str | None = None, settings: dict | None = None, stats: dict | None = None,
                     speed: dict | None = None, model_args: dict | None = None, standalone: bool = False,
@@ -68,11 +69,21 @@ def save_pretrained(model: nn.Module, save_directory: str | os.PathLike, *, metr
     ``model.save_pretrained`` / ``model.push_to_hub`` writes a loadable checkpoint too.
     """
     save_directory = Path(save_directory)
+    record = model.__dict__.get(PRUNE_RECORD, {})  # what hf_prune.prune measured, if it pruned this model
+    method = method or record.get("method")
+    settings = settings if settings is not None else record.get("settings")
+    stats = stats if stats is not None else record.get("stats")
     library = library_of(model)
     if standalone and library != "transformers":
         raise ValueError("standalone=True needs a transformers model (the loader is transformers remote code); "
                          "wrap timm models in TimmWrapperForImageClassification for that")
     spec = structure_spec(model, method=method, settings=settings, stats=stats, model_args=model_args)
+    if card:  # render first: bad metrics/speed fail before anything is written
+        from .card import prepare_card, write_card
+
+        text, rows = prepare_card(spec, model=model, metrics=metrics, speed=speed, repo_id=repo_id,
+                                  standalone=standalone, card_data=card_data,
+                                  base_model=base_model or spec["base"].get("source"))
     save_directory.mkdir(parents=True, exist_ok=True)
     if library == "transformers":
         model.config.hf_prune = spec
@@ -81,11 +92,10 @@ def save_pretrained(model: nn.Module, save_directory: str | os.PathLike, *, metr
             _write_standalone(model, save_directory)
     else:
         _save_timm(model, save_directory, spec)
+    if not standalone and (save_directory / STANDALONE_FILE).is_file():
+        (save_directory / STANDALONE_FILE).unlink()  # left by an earlier standalone save: it would not match
     if card:
-        from .card import write_card
-
-        write_card(save_directory, spec, model=model, metrics=metrics, speed=speed, repo_id=repo_id,
-                   standalone=standalone, card_data=card_data, base_model=base_model or spec["base"].get("source"))
+        write_card(save_directory, spec, text, rows)
     return save_directory
 
 

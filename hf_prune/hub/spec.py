@@ -45,6 +45,11 @@ Format v1::
 
 Rules:
 
+* The base is what the saved config builds, not necessarily the dense model: compaction updates a
+  transformers config's uniform fields (``num_attention_heads``, ``intermediate_size``, ...), so
+  the spec holds what the config cannot say (e.g. ``head_dim``/``scaling`` when heads were cut).
+  ``stats.params_before`` is therefore computed only for timm (whose ``model_args`` pruning leaves
+  alone); for transformers it is recorded when the caller passes it.
 * Entries are keyed by ``index`` (the module's position in ``list(base.named_modules())``, default
   de-duplication), never by parameter name: transformers renames some parameters on save (ViT's
   legacy names), so names in the weights file differ from module names.
@@ -69,7 +74,6 @@ from __future__ import annotations
 import json
 import math
 import re
-from typing import Any
 
 import torch
 from torch import nn
@@ -267,7 +271,9 @@ def structure_spec(model: nn.Module, base_model: nn.Module | None = None, *, met
     ``base_model`` is a freshly built model of the same configuration (any device, ``meta`` is
     fine); by default it is rebuilt from ``model``'s config (transformers) or from the arguments
     timm recorded at ``create_model`` (pass ``model_args`` to override them). ``stats`` entries
-    (``macs_before``, ``macs_after``, ...) are merged over the parameter counts computed here.
+    (``params_before``, ``macs_before``, ``macs_after``, ...) are merged over the parameter counts
+    computed here (``params_after`` always; ``params_before`` for timm models, whose base is the
+    dense model; a transformers config may already follow the pruned widths, so pass it).
     Raises :class:`SpecError` if the difference cannot be expressed in format v1 or if applying
     the spec to a fresh base does not reproduce ``model``'s parameter names and shapes.
     """
@@ -313,7 +319,12 @@ def structure_spec(model: nn.Module, base_model: nn.Module | None = None, *, met
         previous = None
     if method is None and previous:
         method, settings = previous["method"].get("name"), settings or previous["method"].get("settings")
-    all_stats = {"params_before": _count_params(base_model), "params_after": _count_params(model)}
+    all_stats = {"params_after": _count_params(model)}
+    if base_desc["library"] == "timm":
+        # timm's model_args are never edited by pruning, so the base is the dense model. A transformers
+        # config follows uniform widths after compaction: its base may already be smaller than the
+        # dense model, so the dense numbers must come from the caller (stats=).
+        all_stats["params_before"] = _count_params(base_model)
     if previous:
         all_stats.update({k: v for k, v in previous.get("stats", {}).items() if k not in all_stats})
     all_stats.update(stats or {})
@@ -383,7 +394,8 @@ def validate_spec(spec) -> dict:
         _fail(f"missing fields {missing}")
     base = spec["base"]
     if not isinstance(base, dict) or base.get("library") not in ("transformers", "timm"):
-        _fail(f"base.library must be 'transformers' or 'timm', got {base.get('library') if isinstance(base, dict) else base!r}")
+        got = base.get("library") if isinstance(base, dict) else base
+        _fail(f"base.library must be 'transformers' or 'timm', got {got!r}")
     if not isinstance(base.get("architecture"), str) or not base["architecture"]:
         _fail(f"base.architecture must be a non-empty string, got {base.get('architecture')!r}")
     if not isinstance(base.get("config"), dict):
