@@ -5,6 +5,8 @@ Every model is built from a small config (no weights are downloaded) and pruned 
 """
 from __future__ import annotations
 
+import copy
+
 import json
 import os
 import subprocess
@@ -394,10 +396,18 @@ def test_model_card(tmp_path):
         save_pretrained(model, tmp_path / "bad", speed={"device": "cpu"})
     assert not (tmp_path / "bad").exists()
 
-    save_pretrained(pruned("resnet"), tmp_path / "plain")  # no numbers given: none invented
+    plain = copy.deepcopy(pruned("resnet"))
+    plain.__dict__.pop("hf_prune_record", None)  # a model pruned elsewhere: no counts known
+    save_pretrained(plain, tmp_path / "plain")  # no numbers given: none invented
     text = (tmp_path / "plain" / "README.md").read_text()
     assert "Speed-up: not measured" in text and "| MACs | not measured | not measured |" in text
     assert "model-index" not in text and "trust_remote_code" not in text
+
+    recorded = pruned("resnet")  # hf_prune.prune recorded the dense and pruned MACs it computed
+    save_pretrained(recorded, tmp_path / "recorded")
+    stats = recorded.__dict__["hf_prune_record"]["stats"]
+    assert f"| MACs | {stats['macs_before'] / 1e6:.2f} M | {stats['macs_after'] / 1e6:.2f} M |" in (
+        tmp_path / "recorded" / "README.md").read_text()
 
 
 def test_push_and_load_from_hub(hub_server, tmp_path):
