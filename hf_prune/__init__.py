@@ -18,6 +18,10 @@ _EXPORTS = {
     "save_pretrained": "hf_prune.hub",
     "push_to_hub": "hf_prune.hub",
     "AutoPrunedModel": "hf_prune.hub",
+    "PruningCallback": "hf_prune.callbacks",
+    "DepGraphCallback": "hf_prune.callbacks",
+    "UPDPCallback": "hf_prune.methods.updp_callback",
+    "staged_finetune": "hf_prune.training",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -21,6 +21,21 @@ PRUNE_RECORD = "hf_prune_record"  # model attribute: method, settings and before
 MAX_REPAIRS = 4
 
 
+def _prune_depth(model, example_inputs, blocks, num_blocks, target_macs):
+    from .methods.updp import prune_depth
+
+    model, record = prune_depth(model, example_inputs=example_inputs, blocks=blocks, num_blocks=num_blocks,
+                                target_macs=target_macs)
+    stats = {"macs_before": record.get("macs_before"), "macs_after": record.get("macs_after")}
+    model.__dict__[PRUNE_RECORD] = {
+        "method": "updp",
+        "settings": {k: v for k, v in dict(record.get("settings", {}), blocks=[b["path"] for b in record["merged_blocks"]]).items()
+                     if isinstance(v, (int, float, str, list, type(None)))},
+        "stats": {k: v for k, v in stats.items() if v is not None},
+    }
+    return model
+
+
 def _batch_size(example_inputs) -> int:
     first = next(iter(example_inputs.values())) if isinstance(example_inputs, dict) else (
         example_inputs[0] if isinstance(example_inputs, (tuple, list)) else example_inputs)
@@ -51,17 +66,21 @@ def _taylor_gradients(model, calib, loss_fn, max_batches=8):
 
 def prune(model: nn.Module, method: str = "depgraph", *, example_inputs=None, sparsity=None,
           target_macs=None, importance="l2", mode="global", round_to=8, ignored_layers=(),
-          prune_stem=False, compact=True, calib=None, loss_fn=None):
+          prune_stem=False, compact=True, calib=None, loss_fn=None, blocks=None, num_blocks=None):
     """Prune ``model`` in place and return it.
 
-    method: ``"depgraph"`` (structured: channels, heads, groups). Targets: ``sparsity`` (fraction
-    of prunable parameters to remove) or ``target_macs`` (fraction of dense MACs to keep).
+    method: ``"depgraph"`` (structured: channels, heads, groups) or ``"updp"`` (depth: whole blocks
+    merged into fewer linear layers; give ``blocks=[...]``, ``num_blocks=k`` or ``target_macs``).
+    Targets: ``sparsity`` (fraction of prunable parameters to remove) or ``target_macs`` (fraction
+    of dense MACs to keep).
     importance: ``"l2"`` | ``"l1"`` | ``"taylor"``. mode: ``"global"`` | ``"local"``. round_to:
     channel multiple kept per group (None to disable). ``compact=False`` leaves masks (fixed
     shapes, for training); :func:`compact` removes them later.
     """
+    if method == "updp":
+        return _prune_depth(model, example_inputs, blocks, num_blocks, target_macs)
     if method not in STRUCTURED_METHODS:
-        raise PruningError(f"unknown method {method!r}; available: {', '.join(STRUCTURED_METHODS)}")
+        raise PruningError(f"unknown method {method!r}; available: {', '.join(STRUCTURED_METHODS + ('updp',))}")
     if importance == "taylor":
         _taylor_gradients(model, calib, loss_fn)
     options = dict(ignored_layers=ignored_layers, prune_stem=prune_stem)

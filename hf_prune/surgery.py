@@ -7,6 +7,7 @@ a failed call leaves the model exactly as it was.
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 
 import torch
@@ -85,6 +86,9 @@ def compact_units(model: nn.Module, graph, keep: torch.Tensor) -> Undo:
             if shapes:
                 _fix_module(module, shapes, undo)
         _fix_heads(model, graph, keep, undo)
+        if hasattr(getattr(model, "config", None), "to_dict"):
+            # Models built from one config object share it: the pruned one gets its own copy.
+            undo.set_attr(model, "config", copy.deepcopy(model.config))
         sync_config(model, undo)
         # Some timm attention layers cache tensors in eval mode and flush them on .train().
         was_training = model.training

@@ -268,7 +268,8 @@ def test_validate_spec_rejects_malformed_specs():
         (lambda s: s["layers"][1]["attrs"].update(__class__=1), "invalid attribute name"),
         (lambda s: s["layers"][1]["attrs"].update(out_features="big"), "number"),
         (lambda s: s["layers"][2].update(index=s["layers"][1]["index"]), "both have index"),
-        (lambda s: s.update(merged_blocks=[{"index": 1}]), "merged blocks"),
+        (lambda s: s.update(merged_blocks=[{"index": 1}]), r"merged_blocks\[0\]\.path"),
+        (lambda s: s.update(merged_blocks=[{"index": 1, "path": "a", "type": "Block"}]), "describe the merged block"),
         (lambda s: s.update(removed_blocks=[{"index": 5, "path": "vit.layers.0", "type": "ViTLayer"}]),
          "inside removed block"),
         (lambda s: s["sparsity"].update(global_nonzero=2, layers=[]), "fraction"),
@@ -398,6 +399,7 @@ def test_model_card(tmp_path):
 
     plain = copy.deepcopy(pruned("resnet"))
     plain.__dict__.pop("hf_prune_record", None)  # a model pruned elsewhere: no counts known
+    plain.config.__dict__.pop("hf_prune", None)  # (and never saved by hf_prune)
     save_pretrained(plain, tmp_path / "plain")  # no numbers given: none invented
     text = (tmp_path / "plain" / "README.md").read_text()
     assert "Speed-up: not measured" in text and "| MACs | not measured | not measured |" in text

@@ -78,6 +78,9 @@ def save_pretrained(model: nn.Module, save_directory: str | os.PathLike, *, metr
         raise ValueError("standalone=True needs a transformers model (the loader is transformers remote code); "
                          "wrap timm models in TimmWrapperForImageClassification for that")
     spec = structure_spec(model, method=method, settings=settings, stats=stats, model_args=model_args)
+    if standalone and spec["merged_blocks"]:
+        raise SpecError("standalone=True cannot describe merged (UPDP) blocks yet: save without standalone "
+                        "and load with hf_prune.AutoPrunedModel")
     if card:  # render first: bad metrics/speed fail before anything is written
         from .card import prepare_card, write_card
 

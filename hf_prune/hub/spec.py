@@ -33,7 +33,10 @@ Format v1::
       "removed_blocks": [                         # blocks replaced by a pass-through (depth pruning)
         {"index": 40, "path": "vit.layers.5", "type": "ViTLayer"}
       ],
-      "merged_blocks": [],                        # reserved: v1 readers reject a non-empty list
+      "merged_blocks": [                          # blocks depth pruning (UPDP) merged into fewer layers
+        {"index": 12, "path": "stages.2.blocks.4", "type": "ConvNeXtBlock",
+         "became": {"type": "UPDPMergedBlock", "layout": "nchw", "body": [...], "shortcut": ..., "act": ...}}
+      ],
       "sparsity": {} | {                          # unstructured zeros (informative)
         "global_nonzero": 0.5,                    # nonzero fraction over all weights with ndim >= 2
         "layers": [{"index": 9, "path": "...", "tensor": "weight", "nonzero": 0.5}, ...]
@@ -66,6 +69,9 @@ Rules:
   attribute has (tuple, list, ``torch.Size``); a new attribute gets a tuple.
 * ``removed_blocks``: the module at ``path`` is replaced by :class:`PassThrough`, which returns its
   first input unchanged; its descendants are gone (no entry may point inside it).
+* ``merged_blocks``: the module at ``path`` is replaced by the merged block that ``became``
+  describes (layer types and shapes, no weights; see ``hf_prune.methods.updp_merge.MergedBlock``);
+  its descendants are gone.
 * A reader raises :class:`SpecError` on a ``format_version`` it does not know, on malformed fields
   and on non-empty fields it cannot apply, before building anything.
 """
@@ -208,6 +214,12 @@ def _count_params(model: nn.Module) -> int:
 # --------------------------------------------------------------------------- computing
 
 
+def _is_merged(module) -> bool:
+    """A block that depth pruning (UPDP) merged into fewer linear layers."""
+    return module is not None and callable(getattr(module, "describe", None)) and \
+        type(module).__name__ == "MergedBlock"
+
+
 def _is_removed(pruned: nn.Module | None, base: nn.Module) -> bool:
     return pruned is None or (isinstance(pruned, (nn.Identity, PassThrough))
                               and not isinstance(base, (nn.Identity, PassThrough)))
@@ -291,10 +303,15 @@ def structure_spec(model: nn.Module, base_model: nn.Module | None = None, *, met
     base_list = list(base_model.named_modules())
     index_of = {path: i for i, (path, _) in enumerate(base_list)}
     removed_prefixes: list[str] = []
+    merged: list[dict] = []
     for index, (path, base_mod) in enumerate(base_list):
         if any(path.startswith(p + ".") for p in removed_prefixes):
             continue
         mod = pruned_modules.get(path)
+        if _is_merged(mod):
+            merged.append({"index": index, "path": path, "type": type(base_mod).__name__, "became": mod.describe()})
+            removed_prefixes.append(path)
+            continue
         if _is_removed(mod, base_mod):
             if path == "":
                 raise SpecError("the whole model was replaced; nothing to save")
@@ -315,7 +332,8 @@ def structure_spec(model: nn.Module, base_model: nn.Module | None = None, *, met
     # A model loaded from (or saved to) a checkpoint carries its spec in config.hf_prune; when the
     # structure is unchanged, keep what only the original pruning run knew (method, MACs).
     previous = _previous_spec(model)
-    if previous and (previous.get("layers"), previous.get("removed_blocks")) != (layers, removed):
+    if previous and (previous.get("layers"), previous.get("removed_blocks"),
+                     previous.get("merged_blocks")) != (layers, removed, merged):
         previous = None
     if method is None and previous:
         method, settings = previous["method"].get("name"), settings or previous["method"].get("settings")
@@ -333,7 +351,7 @@ def structure_spec(model: nn.Module, base_model: nn.Module | None = None, *, met
         "base": base_desc,
         "layers": layers,
         "removed_blocks": removed,
-        "merged_blocks": [],
+        "merged_blocks": merged,
         "sparsity": _sparsity(model, index_of),
         "method": {"name": method, "settings": _jsonable(settings or {}, "method settings")},
         "stats": _jsonable(all_stats, "stats"),
@@ -410,9 +428,10 @@ def validate_spec(spec) -> dict:
     for key in ("layers", "removed_blocks", "merged_blocks"):
         if not isinstance(spec[key], list):
             _fail(f"{key} must be a list")
-    if spec["merged_blocks"]:
-        raise SpecError("this checkpoint has merged blocks (merged_blocks is not empty), which this version of "
-                        "hf_prune cannot rebuild; upgrade hf_prune")
+    for i, entry in enumerate(spec["merged_blocks"]):
+        _check_ref(entry, f"merged_blocks[{i}]")
+        if not isinstance(entry.get("became"), dict) or entry["became"].get("type") != "UPDPMergedBlock":
+            _fail(f"merged_blocks[{i}] must describe the merged block under 'became'")
     seen_index, seen_path = {}, {}
     for i, entry in enumerate(spec["layers"]):
         where = f"layers[{i}]"
@@ -441,11 +460,12 @@ def validate_spec(spec) -> dict:
                 _fail(f"{where} and layers[{table[entry[key]]}] both have {key} {entry[key]!r}")
             table[entry[key]] = i
     removed_paths = []
-    for i, entry in enumerate(spec["removed_blocks"]):
-        _check_ref(entry, f"removed_blocks[{i}]")
-        if entry["path"] == "":
-            _fail(f"removed_blocks[{i}] removes the whole model")
-        removed_paths.append(entry["path"])
+    for key in ("removed_blocks", "merged_blocks"):
+        for i, entry in enumerate(spec[key]):
+            _check_ref(entry, f"{key}[{i}]")
+            if entry["path"] == "":
+                _fail(f"{key}[{i}] replaces the whole model")
+            removed_paths.append(entry["path"])
     for i, entry in enumerate(spec["layers"]):
         for r in removed_paths:
             if entry["path"] == r or entry["path"].startswith(r + "."):
@@ -517,6 +537,11 @@ def apply_spec(model: nn.Module, spec: dict) -> nn.Module:
                 raise SpecError(f"{where} ('{entry['path']}'): attribute '{name}' names a tensor or submodule")
         plan.append((entry, module))
     removals = [(entry, lookup(entry, f"removed_blocks[{n}]")) for n, entry in enumerate(spec["removed_blocks"])]
+    merges = [(entry, lookup(entry, f"merged_blocks[{n}]")) for n, entry in enumerate(spec["merged_blocks"])]
+    if merges:
+        from ..methods.updp_merge import MergedBlock
+
+        built = [MergedBlock.from_description(entry["became"]) for entry, _ in merges]
 
     for entry, module in plan:
         for name, shape in entry["tensors"].items():
@@ -533,4 +558,10 @@ def apply_spec(model: nn.Module, spec: dict) -> nn.Module:
         parent_path, _, child = entry["path"].rpartition(".")
         parent = by_path[parent_path]
         parent._modules[child] = PassThrough()
+    for (entry, old), new in zip(merges, built if merges else []):
+        parent_path, _, child = entry["path"].rpartition(".")
+        param = next(old.parameters(), None)
+        if param is not None:
+            new = new.to(device=param.device, dtype=param.dtype)
+        by_path[parent_path]._modules[child] = new
     return model
