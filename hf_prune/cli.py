@@ -82,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                         help="show the full traceback on errors")
+    common.add_argument("--threads", type=_positive_int, default=argparse.SUPPRESS, metavar="N",
+                        help="torch CPU threads (default: torch's default; 1 is much faster on a "
+                             "machine whose cores are busy with other work)")
 
     parser = argparse.ArgumentParser(
         prog="hf-prune",
@@ -134,7 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", parents=[common], help="train, prune and fine-tune two small models on MNIST",
                        description="Train a small ViT and a small ConvNeXt (transformers) on real MNIST "
                                    "digits, prune each to half its MACs with DepGraph, fine-tune, and "
-                                   "report params, MACs, CPU latency and accuracy; then save and reload.")
+                                   "report params, MACs, CPU latency and accuracy; then save and reload. "
+                                   "Runs on 1 CPU thread unless --threads is given.")
     p.add_argument("--quick", action="store_true", help="tiny budgets (a smoke test, < 1 minute)")
     p.add_argument("--output", "-o", metavar="DIR", default="outputs/demo",
                    help="where to save the pruned models (default: outputs/demo)")
@@ -153,6 +157,9 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pretrained", action="store_true",
                    help="timm names only: download pretrained weights (needs the Hub); "
                         "default: random weights")
+    p.add_argument("--iters", type=_positive_int, default=20, metavar="N",
+                   help="timed forward passes per model after warm-up; the median is reported "
+                        "(default: 20)")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -205,8 +212,8 @@ def _hub_api(purpose: str):
 
 
 def call_hub(fn, *args, **kwargs):
-    """Call a hub function with the keyword arguments it accepts (``metrics`` always; ``method``,
-    ``settings``, ``stats``, ``speed`` where the installed hf_prune.hub takes them)."""
+    """Call a hub function with the keyword arguments it names (``metrics`` always; ``speed`` and
+    others only where the installed hf_prune.hub takes them, never into ``**save_kwargs``)."""
     import inspect
 
     named = {n for n, p in inspect.signature(fn).parameters.items()
@@ -257,28 +264,69 @@ def _load_timm(name: str, image_size, num_labels, pretrained) -> LoadedModel:
                        "pretrained" if pretrained else "random")
 
 
+def _raw_config(name: str, *, local: bool, where: str) -> dict:
+    """``config.json`` of a local directory or a Hub repo, as a dict."""
+    try:
+        if local:
+            path = os.path.join(name, "config.json")
+        else:
+            from huggingface_hub import hf_hub_download
+
+            path = hf_hub_download(name, "config.json")
+        with open(path, encoding="utf-8") as f:
+            raw = json.load(f)
+    except Exception as exc:  # OSError, JSONDecodeError, huggingface_hub errors
+        if local:
+            raise CLIError(f"cannot read config.json in {where}: {_one_line(exc)}") from exc
+        endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+        raise CLIError(f"could not load {where} from {endpoint}: {_one_line(exc)}") from exc
+    if not isinstance(raw, dict):
+        raise CLIError(f"config.json in {where} is not a JSON object")
+    return raw
+
+
+def _is_transformers_model(model) -> bool:
+    return any(c.__name__ == "PreTrainedModel" and c.__module__.startswith("transformers")
+               for c in type(model).__mro__)
+
+
+def _load_pruned(name: str, raw: dict, image_size, num_labels, where: str) -> LoadedModel:
+    """A model saved by hf_prune (``hf_prune`` key in config.json): rebuilt from its spec."""
+    _, _, auto = _hub_api(f"loading the pruned model in {where}")
+    trained = raw.get("num_labels", raw.get("num_classes"))
+    if trained is None and isinstance(raw.get("id2label"), dict):
+        trained = len(raw["id2label"])
+    if num_labels is not None and trained is not None and num_labels != trained:
+        raise CLIError(f"{where} holds a trained {trained}-class head; --num-labels cannot change it")
+    try:
+        model = auto.from_pretrained(name)
+    except Exception as exc:
+        raise CLIError(f"could not load the pruned model in {where}: {_one_line(exc)}") from exc
+    weights = f"loaded from {name} (pruned by hf_prune)"
+    if _is_transformers_model(model):
+        return LoadedModel(model, name, "transformers", _transformers_input_size(model.config, image_size),
+                           weights)
+    cfg = getattr(model, "pretrained_cfg", None) or raw.get("pretrained_cfg") or {}
+    channels, h, w = tuple(cfg.get("input_size") or (3, 224, 224))
+    if image_size is not None:
+        h = w = image_size
+    return LoadedModel(model, name, "timm", (int(channels), int(h), int(w)), weights)
+
+
 def _load_transformers(name: str, image_size, num_labels, *, local: bool) -> LoadedModel:
     from transformers import AutoConfig, AutoModelForImageClassification
 
     where = f"directory {name!r}" if local else f"Hub repo {name!r}"
+    raw = _raw_config(name, local=local, where=where)
+    if raw.get("hf_prune") is not None:
+        return _load_pruned(name, raw, image_size, num_labels, where)
     try:
         config = AutoConfig.from_pretrained(name)
     except Exception as exc:  # OSError, ValueError, huggingface_hub errors
-        if local:
-            raise CLIError(f"cannot read a transformers config from {where}: {_one_line(exc)}") from exc
-        endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
-        raise CLIError(f"could not load {where} from {endpoint}: {_one_line(exc)}") from exc
+        raise CLIError(f"cannot read a transformers config from {where}: {_one_line(exc)}") from exc
 
     notes: list[str] = []
-    if getattr(config, "hf_prune", None) is not None:
-        # Already pruned by hf_prune: rebuild from the structure spec, load weights strictly.
-        _, _, auto = _hub_api(f"loading the pruned model in {where}")
-        if num_labels is not None and num_labels != config.num_labels:
-            raise CLIError(f"{where} is a trained {config.num_labels}-class model; --num-labels "
-                           "cannot change a trained head")
-        model = auto.from_pretrained(name)
-        weights = f"loaded from {name} (pruned by hf_prune)"
-    elif not local or _has_weights(name):
+    if not local or _has_weights(name):
         if num_labels is not None and num_labels != config.num_labels:
             raise CLIError(f"{where} holds a trained {config.num_labels}-class head; --num-labels "
                            f"{num_labels} would need new head weights (hf_prune never loads with "
@@ -384,6 +432,10 @@ def paired_latency(models: list, inputs, *, rounds: int = 5, iters: int = 10, wa
     return [statistics.median(t) for t in times]
 
 
+def _threads_text(n: int) -> str:
+    return f"CPU, {n} thread{'' if n == 1 else 's'}"
+
+
 def _input_shape(inputs) -> list[int]:
     x = inputs["pixel_values"] if isinstance(inputs, dict) else inputs
     return list(x.shape)
@@ -439,7 +491,9 @@ def _cmd_prune(args, out) -> int:
 
     params_after, _ = count_params(model)
     macs_after = count_macs(model, inputs)
-    lat_before, lat_after = paired_latency([dense, model], inputs)
+    rounds = min(5, args.iters)
+    lat_before, lat_after = paired_latency([dense, model], inputs, rounds=rounds,
+                                           iters=-(-args.iters // rounds), warmup=2)
     del dense
     device = "cpu"
     reports = [ProfileReport(p, p, m, lat, 1, device) for p, m, lat in
@@ -463,15 +517,10 @@ def _cmd_prune(args, out) -> int:
         "files": [],
         "pushed_to": None,
     }
-    # No accuracy is measured here, so no eval metrics for the card: sizes go to the spec's stats,
-    # the measured speed-up to the card's speed line.
-    record = dict(
-        method=args.method, settings={**target, **options},
-        stats={"params_before": params_before, "params_after": params_after,
-               "macs_before": macs_before, "macs_after": macs_after},
-        speed={"speedup": round(lat_before / lat_after, 2),
-               "device": f"CPU ({torch.get_num_threads()} threads)", "batch": 1},
-    )
+    # prune() records the method, its settings and the before/after counts on the model; the
+    # card also gets the measured speed-up. No accuracy is measured here, so no eval metrics.
+    record = dict(speed={"speedup": round(lat_before / lat_after, 2),
+                         "device": _threads_text(torch.get_num_threads()), "batch": 1})
     if args.output:
         save_pretrained = hub[0]
         call_hub(save_pretrained, model, args.output, metrics=None, **record)
@@ -509,7 +558,7 @@ def _cmd_profile(args, out) -> int:
     for note in loaded.notes:
         print(f"hf-prune: note: {note}", file=sys.stderr)
     inputs = loaded.example_inputs(args.batch_size)
-    report = profile(loaded.model, inputs, warmup=3, iters=20)
+    report = profile(loaded.model, inputs, warmup=2, iters=args.iters)
     if args.json:
         data = {"model": args.model, "library": loaded.library, "weights": loaded.weights,
                 "input_shape": _input_shape(inputs), **report.to_dict(),
@@ -526,8 +575,9 @@ def _cmd_demo(args, out) -> int:
     from .demo import run_demo
 
     # With --json, stdout carries only the JSON object; the demo's log goes to stderr.
+    # The demo runs on one thread unless --threads says otherwise (see run_demo).
     result = run_demo(quick=args.quick, out_dir=args.output, seed=args.seed,
-                      stream=sys.stderr if args.json else out)
+                      stream=sys.stderr if args.json else out, threads=getattr(args, "threads", 1))
     if args.json:
         print(json.dumps(result, indent=2, default=str), file=out)
     failed = {name: r["error"] for name, r in result["models"].items() if r.get("error")}
@@ -562,7 +612,14 @@ def main(argv: list[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     debug = getattr(args, "debug", False)
     restore = None if debug else _short_warnings()
+    threads = getattr(args, "threads", None)
+    previous_threads = None
     try:
+        if threads is not None:
+            import torch
+
+            previous_threads = torch.get_num_threads()
+            torch.set_num_threads(threads)
         return args.func(args, sys.stdout)
     except CLIError as exc:
         if debug:
@@ -590,6 +647,10 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if restore is not None:
             restore()
+        if previous_threads is not None:
+            import torch
+
+            torch.set_num_threads(previous_threads)
 
 
 if __name__ == "__main__":  # pragma: no cover

