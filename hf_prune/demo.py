@@ -234,6 +234,18 @@ def _summary_table(results: dict) -> str:
             f"{r['speedup']:.2f}x",
             f"{r['acc_dense']:.3f}", f"{r['acc_pruned']:.3f}", f"{r['acc_finetuned']:.3f}",
         ))
+        u = r.get("updp") or {}
+        if "speedup" in u:
+            rows.append((
+                f"{name} UPDP ({u['blocks_merged']} blocks)",
+                f"{_fmt_count(b['params'])} -> {_fmt_count(u['params'])}",
+                f"{_fmt_count(b['macs'])} -> {_fmt_count(u['macs'])} ({u['macs_ratio']:.2f}x)",
+                f"{b['latency_ms']:.1f} -> {u['latency_ms']:.1f} ms",
+                f"{u['speedup']:.2f}x",
+                f"{r['acc_dense']:.3f}", f"{u['acc_pruned']:.3f}", f"{u['acc_finetuned']:.3f}",
+            ))
+        elif u.get("error"):
+            rows.append((f"{name} UPDP", u["error"][:60], "", "", "", "", "", ""))
     return _table(rows)
 
 
@@ -286,21 +298,24 @@ def _run_one(key: str, budget: Budget, data, *, seed: int, out_dir: str, hub, lo
     r["cpu_s"] = time.process_time() - cpu_start
     r["acc_finetuned"] = accuracy(model, val_split)
 
-    lat_dense, lat_pruned = paired_latency([dense, model], timing_inputs, rounds=5, iters=4, warmup=2)
+    # UPDP (depth pruning) from the same trained dense model: a quarter of the blocks annealed to
+    # their mergeable form and merged, then fine-tuned with the same budget.
+    updp = _run_updp(dense, train_split, val_split, budget, seed=seed, title=title, progress=progress)
+
+    lat_dense, lat_pruned, *lat_updp = paired_latency(
+        [dense, model] + ([updp.pop("model")] if "model" in updp else []), timing_inputs,
+        rounds=5, iters=4, warmup=2)
     r["dense"]["latency_ms"] = lat_dense
     r["pruned"]["latency_ms"] = lat_pruned
     r["macs_ratio"] = r["pruned"]["macs"] / r["dense"]["macs"]
     r["params_ratio"] = r["pruned"]["params"] / r["dense"]["params"]
     r["speedup"] = lat_dense / lat_pruned
+    if lat_updp:
+        updp["latency_ms"] = lat_updp[0]
+        updp["speedup"] = lat_dense / lat_updp[0]
+        updp["macs_ratio"] = updp["macs"] / r["dense"]["macs"]
+    r["updp"] = updp
     del dense
-
-    # --- UPDP (depth pruning) ---------------------------------------------------------------
-    # NOT BUILT YET. When hf_prune implements UPDP (Liu et al., AAAI 2024), this is where a
-    # second pruned copy will be made from the trained dense model (blocks annealed to identity,
-    # then merged), fine-tuned with the same budget and reported beside the DepGraph row.
-    # Nothing is reported for it until then.
-    r["updp"] = None
-    # ----------------------------------------------------------------------------------------
 
     r["saved_to"] = None
     r["reload_identical"] = None
@@ -334,6 +349,28 @@ def _run_one(key: str, budget: Budget, data, *, seed: int, out_dir: str, hub, lo
         r["saved_to"] = os.path.abspath(path)
         r["reload_identical"] = True
     return r
+
+
+def _run_updp(dense, train_split, val_split, budget, *, seed: int, title: str, progress: bool) -> dict:
+    from .api import PruningError, prune
+    from .data import accuracy
+    from .graph import DependencyGraph
+    from .methods.updp import find_blocks
+
+    model = copy.deepcopy(dense)
+    calib = {"pixel_values": train_split.pixel_values[:64]}
+    n_blocks = max(1, len(find_blocks(model)) // 4)
+    try:
+        prune(model, "updp", num_blocks=n_blocks, example_inputs=calib)
+    except PruningError as exc:
+        return {"error": f"UPDP failed: {' '.join(str(exc).split())}"}
+    out = {"blocks_merged": n_blocks, "acc_pruned": accuracy(model.eval(), val_split),
+           "params": sum(p.numel() for p in model.parameters()),
+           "macs": DependencyGraph(model, {"pixel_values": val_split.pixel_values[:1]}).macs()}
+    train(model, train_split, budget, seed=seed + 2000, desc=f"{title} UPDP fine-tune", progress=progress)
+    out["acc_finetuned"] = accuracy(model.eval(), val_split)
+    out["model"] = model
+    return out
 
 
 def run_demo(*, quick: bool = False, out_dir: str = "outputs/demo", seed: int = 0,
@@ -380,7 +417,7 @@ def _run_demo(*, quick: bool, out_dir: str, seed: int, stream: TextIO | None, pr
     train_split, val_split, data_name = _load_data(seed, log)
     hub = _hub(log)
     log(f"hf-prune demo{' (quick)' if quick else ''}: {data_name}; {len(train_split)} train / "
-        f"{len(val_split)} val images at 32x32; DepGraph to {TARGET_MACS:.0%} of the MACs; "
+        f"{len(val_split)} val images at 32x32; DepGraph to {TARGET_MACS:.0%} of the MACs and UPDP; "
         f"{_threads_text(torch.get_num_threads())}")
     results: dict[str, Any] = {}
     for key, (title, _) in MODELS.items():
@@ -398,7 +435,7 @@ def _run_demo(*, quick: bool, out_dir: str, seed: int, stream: TextIO | None, pr
             log(f"saved to {r['saved_to']}; reload check: identical outputs")
     wall = time.perf_counter() - start
     cpu = time.process_time() - cpu_start
-    log("\n== summary (DepGraph, target 50% MACs; UPDP depth pruning: not built yet) ==")
+    log("\n== summary (DepGraph to 50% MACs; UPDP merging a quarter of the blocks; same fine-tuning budget) ==")
     log(_summary_table(results))
     log("(fine-tuning continues training, so a fine-tuned model can beat its dense parent, which got "
         "no extra budget)")

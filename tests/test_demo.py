@@ -25,14 +25,6 @@ def demo(tmp_path_factory):
     return json.loads(out.getvalue()), err.getvalue(), out_dir
 
 
-def _hub_available() -> bool:
-    try:
-        import hf_prune.hub  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def test_quick_demo_prunes_and_recovers(demo):
     result, _, _ = demo
     assert result["quick"] is True and result["target_macs"] == 0.5
@@ -54,7 +46,10 @@ def test_quick_demo_prunes_and_recovers(demo):
         # measured latency is reported next to MACs
         assert r["dense"]["latency_ms"] > 0 and r["pruned"]["latency_ms"] > 0
         assert math.isclose(r["speedup"], r["dense"]["latency_ms"] / r["pruned"]["latency_ms"])
-        assert r["updp"] is None  # depth pruning is not built yet, and is not faked
+        u = r["updp"]  # UPDP from the same trained dense model, same fine-tuning budget
+        assert not u.get("error"), u.get("error")
+        assert u["blocks_merged"] >= 1 and u["macs"] < r["dense"]["macs"] and u["latency_ms"] > 0
+        assert u["acc_finetuned"] > 0.5, (name, u["acc_finetuned"])
         assert r["budget"] == {**QUICK[name].__dict__}
 
 
@@ -69,7 +64,6 @@ def test_quick_demo_prints_tables(demo):
     assert result["models"]["convnext"]["model"] == "ConvNextForImageClassification"
 
 
-@pytest.mark.skipif(not _hub_available(), reason="hf_prune.hub is not available")
 def test_quick_demo_saves_and_reloads_identically(demo):
     result, log, out_dir = demo
     assert log.count("reload check: identical outputs") == 2
