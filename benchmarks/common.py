@@ -62,6 +62,13 @@ def _git_rev() -> str:
         return "?"
 
 
+def _loadavg() -> str:
+    try:
+        return " ".join(f"{v:.2f}" for v in os.getloadavg())
+    except OSError:
+        return "?"
+
+
 def env_info() -> dict:
     """Command, date, machine and library versions, for the header of every result file."""
     try:
@@ -77,6 +84,7 @@ def env_info() -> dict:
         "cpu": _cpu_model(),
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        "loadavg_start": _loadavg(),
         "gpu": gpu,
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -95,6 +103,8 @@ def header_md(title: str, info: dict, notes: list[str] = ()) -> str:
              f"- versions: python {info['python']}, torch {info['torch']}, timm {info['timm']}, "
              f"transformers {info['transformers']}, hf_prune {info['hf_prune']} (git {info['hf_prune_git']}), "
              f"torch-pruning {info['torch_pruning']}"]
+    lines.append(f"- load average (1/5/15 min) at start: {info.get('loadavg_start')}, at end: {_loadavg()} "
+                 "(the machine is shared; latencies taken under load are noisier)")
     lines += [f"- {n}" for n in notes]
     return "\n".join(lines) + "\n"
 
@@ -376,3 +386,79 @@ def build(spec: str) -> tuple[nn.Module, Any]:
 
 def hf_model_names() -> list[str]:
     return list(_hf_builders())
+
+
+# ------------------------------------------------------------------------------------------------
+# Torch-Pruning (optional peer)
+# ------------------------------------------------------------------------------------------------
+
+
+def torch_pruning_available() -> bool:
+    try:
+        import torch_pruning  # noqa: F401
+    except Exception:  # noqa: BLE001
+        return False
+    return True
+
+
+def _classifier(model: nn.Module) -> list[nn.Module]:
+    if hasattr(model, "classifier") and isinstance(model.classifier, nn.Module):  # transformers
+        return [model.classifier]
+    if hasattr(model, "get_classifier"):  # timm
+        head = model.get_classifier()
+        return [head] if isinstance(head, nn.Module) and any(True for _ in head.parameters()) else []
+    return []
+
+
+def tp_prune(model: nn.Module, inputs: Any, pruning_ratio: float = 0.3, round_to: int | None = None,
+             timings: dict | None = None) -> nn.Module:
+    """Torch-Pruning's default recipe, in place: ``MetaPruner`` + ``GroupMagnitudeImportance(p=2)``,
+    uniform (local) ``pruning_ratio``, classifier ignored; for ViTs the ``num_heads`` mapping and the
+    head-size fix-up of Torch-Pruning's own examples (``examples/transformers/prune_timm_vit.py``,
+    ``prune_hf_vit.py``: ``prune_head_dims=True, prune_num_heads=False``).
+
+    ``timings`` (optional dict) receives ``graph_s`` (pruner construction, which builds the
+    DependencyGraph) and ``step_s`` (``pruner.step()`` plus the head fix-up).
+    """
+    import torch_pruning as tp
+
+    num_heads: dict[nn.Module, int] = {}
+    timm_attn, hf_attn = [], []
+    try:
+        from timm.layers import Attention as TimmAttention
+    except Exception:  # noqa: BLE001
+        TimmAttention = ()
+    for m in model.modules():
+        if TimmAttention and isinstance(m, TimmAttention):
+            num_heads[m.qkv] = m.num_heads
+            timm_attn.append(m)
+        elif hasattr(m, "q_proj") and hasattr(m, "num_attention_heads") and hasattr(m, "head_dim"):
+            for lin in (m.q_proj, m.k_proj, m.v_proj):  # transformers ViT/DeiT attention
+                num_heads[lin] = m.num_attention_heads
+            hf_attn.append(m)
+
+    kwargs = {}
+    if isinstance(inputs, Mapping):
+        kwargs["forward_fn"] = lambda mdl, x: mdl(**x)
+    if hasattr(model, "config"):  # transformers: ModelOutput -> tensor for tracing
+        kwargs["output_transform"] = lambda out: out.logits.sum()
+    t0 = time.perf_counter()
+    pruner = tp.pruner.MetaPruner(
+        model, inputs, importance=tp.importance.GroupMagnitudeImportance(p=2),
+        pruning_ratio=pruning_ratio, ignored_layers=_classifier(model), round_to=round_to,
+        num_heads=num_heads, prune_head_dims=True, prune_num_heads=False, **kwargs)
+    t1 = time.perf_counter()
+    pruner.step()
+    for m in timm_attn:
+        m.num_heads = pruner.num_heads[m.qkv]
+        m.head_dim = m.qkv.out_features // (3 * m.num_heads)
+        if hasattr(m, "attn_dim"):  # timm >= 1.0.2x reshapes with attn_dim
+            m.attn_dim = m.num_heads * m.head_dim
+    for m in hf_attn:
+        m.num_attention_heads = pruner.num_heads[m.q_proj]
+        m.head_dim = m.q_proj.out_features // m.num_attention_heads
+    t2 = time.perf_counter()
+    if timings is not None:
+        timings["graph_s"] = t1 - t0
+        timings["step_s"] = t2 - t1
+    return model

@@ -21,6 +21,7 @@ import gc
 import math
 import sys
 import time
+import os
 import traceback
 from pathlib import Path
 
@@ -168,7 +169,7 @@ def run_one(name: str, target_macs: float, timeout: float | None, perturb: bool 
     except (Exception, ModelTimeout) as exc:  # noqa: BLE001 - one model must not stop the run
         row["stage"] = stage
         row["error"] = first_line(exc)
-        row["traceback"] = traceback.format_exc(limit=-6)
+        row["traceback"] = traceback.format_exc(limit=-6).replace(os.getcwd() + os.sep, "")
     row["time_s"] = time.perf_counter() - t_start
     gc.collect()
     return row

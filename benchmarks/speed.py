@@ -1,0 +1,278 @@
+"""Dense vs pruned (~50% MACs) latency, in one process: does halving MACs make the model faster?
+
+Models: timm convnext_tiny, resnet50, deit_small_patch16_224 (random weights) and transformers
+ViT-Base (``ViTForImageClassification(ViTConfig())``, ViT-B/16 224). Variants per model:
+
+* ``dense``
+* ``hf_prune`` — ``prune(model, example_inputs=x, target_macs=0.5)`` (defaults: l2, global, round_to=8)
+* ``hf_prune_stem`` — the same with ``prune_stem=True`` (also prunes the stem / embedding width)
+* ``torch_pruning`` — Torch-Pruning's default output (``MetaPruner`` + ``GroupMagnitudeImportance(p=2)``,
+  uniform ``pruning_ratio=0.3`` ≈ 50% MACs, classifier ignored, ``num_heads`` mapping for ViTs as in
+  Torch-Pruning's own ViT examples, ``round_to=None``), when torch_pruning is importable
+* ``torch_pruning_r8`` — the same with ``round_to=8`` (only with ``--variants``)
+
+CPU: batch 1 and batch 32, fp32, eval + inference_mode; variants timed round-robin (each round runs
+every variant once) and the median per variant is reported. GPU (only when CUDA is available):
+batch 256, bf16 autocast, channels_last for CNNs, CUDA synchronised around each pass.
+
+efficiency = speed-up × (pruned MACs / dense MACs): 1.0 means the speed-up is fully proportional to
+the MACs removed; the goal is >= 0.8.
+
+    PYTHONPATH=. .venv/bin/python benchmarks/speed.py
+    PYTHONPATH=. .venv/bin/python benchmarks/speed.py --quick
+    PYTHONPATH=. .venv/bin/python benchmarks/speed.py --models resnet50 --iters 30 --iters32 5
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import sys
+import time
+import os
+import traceback
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch
+from torch import nn
+
+from benchmarks.common import (count_params, engine_macs, env_info, first_line, header_md, md_table, median,
+                               perturb_, run_logits, time_interleaved, timm_model, torch_pruning_available,
+                               tp_prune, write_results)
+
+MODELS = ["convnext_tiny", "resnet50", "deit_small_patch16_224", "hf:vit-base"]
+CNNS = {"convnext_tiny", "resnet50"}
+ALL_VARIANTS = ["dense", "hf_prune", "hf_prune_stem", "torch_pruning", "torch_pruning_r8"]
+DEFAULT_VARIANTS = ["dense", "hf_prune", "hf_prune_stem", "torch_pruning"]
+
+
+def build(name: str):
+    torch.manual_seed(0)
+    if name == "hf:vit-base":
+        from transformers import ViTConfig, ViTForImageClassification
+
+        model = ViTForImageClassification(ViTConfig()).eval()  # default config = ViT-B/16, 224
+        return model, {"pixel_values": torch.randn(1, 3, 224, 224)}
+    return timm_model(name)
+
+
+def with_batch(x, batch: int, device="cpu", channels_last=False):
+    def f(t):
+        t = t.expand(batch, *t.shape[1:]).contiguous().to(device)
+        t = t + 0.01 * torch.randn_like(t)
+        return t.contiguous(memory_format=torch.channels_last) if channels_last and t.dim() == 4 else t
+
+    torch.manual_seed(1)
+    return {k: f(v) for k, v in x.items()} if isinstance(x, dict) else f(x)
+
+
+def aligned_fraction(model: nn.Module, multiple: int = 8) -> float:
+    """Fraction of Conv/Linear layers whose in and out widths are multiples of ``multiple``
+    (grouped convs: per-group in width; the classifier's class count is ignored)."""
+    n = ok = 0
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            dims = [m.in_features] + ([m.out_features] if m.out_features not in (2, 1000) else [])
+        elif isinstance(m, nn.Conv2d):
+            dims = [m.out_channels] + ([m.in_channels // m.groups] if m.groups == 1 else [])
+            if m.in_channels == 3:
+                dims = [m.out_channels]
+        else:
+            continue
+        n += 1
+        ok += all(d % multiple == 0 for d in dims)
+    return ok / n if n else float("nan")
+
+
+def make_variant(kind: str, dense: nn.Module, x, target_macs: float, tp_ratio: float):
+    from hf_prune.api import prune
+
+    model = copy.deepcopy(dense)
+    t0 = time.perf_counter()
+    if kind == "hf_prune":
+        prune(model, example_inputs=x, target_macs=target_macs)
+    elif kind == "hf_prune_stem":
+        prune(model, example_inputs=x, target_macs=target_macs, prune_stem=True)
+    elif kind == "torch_pruning":
+        tp_prune(model, x, pruning_ratio=tp_ratio, round_to=None)
+    elif kind == "torch_pruning_r8":
+        tp_prune(model, x, pruning_ratio=tp_ratio, round_to=8)
+    else:
+        raise ValueError(kind)
+    return model.eval(), time.perf_counter() - t0
+
+
+def bench_model(name: str, variants: list[str], args, log) -> list[dict]:
+    dense, x = build(name)
+    perturb_(dense)
+    rows: dict[str, dict] = {}
+    models: dict[str, nn.Module] = {"dense": dense}
+    y_dense = run_logits(dense, x)
+    dense_macs, dense_params = engine_macs(dense, x), count_params(dense)
+    rows["dense"] = {"model": name, "variant": "dense", "macs": dense_macs, "params": dense_params,
+                     "macs_ratio": 1.0, "params_ratio": 1.0, "aligned8": aligned_fraction(dense)}
+    for kind in variants:
+        if kind == "dense":
+            continue
+        row = {"model": name, "variant": kind}
+        rows[kind] = row
+        try:
+            m, secs = make_variant(kind, dense, x, args.target_macs, args.tp_ratio)
+            y = run_logits(m, x)
+            if y.shape != y_dense.shape:
+                raise RuntimeError(f"output shape {tuple(y.shape)} != dense {tuple(y_dense.shape)}")
+            row.update(prune_s=secs, macs=engine_macs(m, x), params=count_params(m), aligned8=aligned_fraction(m))
+            row["macs_ratio"] = row["macs"] / dense_macs
+            row["params_ratio"] = row["params"] / dense_params
+            models[kind] = m
+            log(f"  {kind}: MACs {row['macs_ratio']:.3f} params {row['params_ratio']:.3f} "
+                f"aligned8 {row['aligned8']:.2f} ({secs:.1f} s)")
+        except Exception as exc:  # noqa: BLE001 - report and keep going
+            row["error"] = first_line(exc)
+            row["traceback"] = traceback.format_exc(limit=-6).replace(os.getcwd() + os.sep, "")
+            log(f"  {kind}: FAILED {row['error']}")
+
+    settings = [("cpu_b1", 1, args.warmup, args.iters), ("cpu_b32", 32, args.warmup32, args.iters32)]
+    for key, batch, warmup, iters in settings:
+        if iters <= 0:
+            continue
+        xb = with_batch(x, batch)
+        t0 = time.perf_counter()
+        times = time_interleaved({k: (m, xb) for k, m in models.items()}, warmup=warmup, iters=iters)
+        log(f"  {key}: {time.perf_counter() - t0:.0f} s")
+        for k, ts in times.items():
+            rows[k][f"{key}_ms"] = median(ts)
+            rows[k][f"{key}_times"] = ts
+        del xb
+        gc.collect()
+
+    if torch.cuda.is_available() and args.gpu_iters > 0:
+        cl = name in CNNS
+        gpu_models = {}
+        for k, m in models.items():
+            g = copy.deepcopy(m).cuda()
+            gpu_models[k] = g.to(memory_format=torch.channels_last) if cl else g
+        xb = with_batch(x, args.gpu_batch, device="cuda", channels_last=cl)
+        times = time_interleaved({k: (m, xb) for k, m in gpu_models.items()}, warmup=args.gpu_warmup,
+                                 iters=args.gpu_iters, device="cuda", autocast_dtype=torch.bfloat16)
+        for k, ts in times.items():
+            rows[k]["gpu_ms"] = median(ts)
+            rows[k]["gpu_img_s"] = args.gpu_batch / (median(ts) / 1000.0)
+            rows[k]["gpu_times"] = ts
+        del gpu_models, xb
+        torch.cuda.empty_cache()
+
+    out = []
+    for k in variants:
+        r = rows[k]
+        for key in ("cpu_b1", "cpu_b32", "gpu"):
+            if r.get(f"{key}_ms") and rows["dense"].get(f"{key}_ms"):
+                r[f"{key}_speedup"] = rows["dense"][f"{key}_ms"] / r[f"{key}_ms"]
+                r[f"{key}_efficiency"] = r[f"{key}_speedup"] * r["macs_ratio"]
+        out.append(r)
+    return out
+
+
+def render(rows: list[dict], info: dict, args) -> str:
+    notes = [
+        "models: random weights (timm `pretrained=False`; transformers `ViTForImageClassification(ViTConfig())` "
+        "= ViT-B/16 224, 2 labels) with small noise on every parameter/BN statistic; 224×224 inputs",
+        f"hf_prune: `prune(model, example_inputs=x, target_macs={args.target_macs})` (l2, global, round_to=8); "
+        "hf_prune_stem adds `prune_stem=True`",
+        f"torch_pruning: `MetaPruner(..., importance=GroupMagnitudeImportance(p=2), pruning_ratio={args.tp_ratio}, "
+        "ignored_layers=[classifier], num_heads=..., prune_head_dims=True, prune_num_heads=False)`, default "
+        "round_to=None (Torch-Pruning's default output); note it also prunes the embedding/stem width",
+        "MACs: `hf_prune.DependencyGraph(model, x).macs()` at batch 1 (counts attention, which torch's "
+        "FlopCounterMode misses on CPU)",
+        f"CPU latency: fp32, eval, `torch.inference_mode`, median of {args.iters} passes at batch 1 "
+        f"(after {args.warmup} warm-up) and of {args.iters32} at batch 32 (after {args.warmup32}); "
+        "variants timed round-robin in the same process",
+        "speed-up = dense latency / variant latency (same process, same run); "
+        "efficiency = speed-up × MACs ratio (1.0 = proportional to MACs; goal ≥ 0.8)",
+        "aligned8: fraction of Conv/Linear layers whose widths are multiples of 8",
+    ]
+    if torch.cuda.is_available() and args.gpu_iters > 0:
+        notes.append(f"GPU: batch {args.gpu_batch}, bf16 autocast, channels_last for CNNs, median of "
+                     f"{args.gpu_iters} after {args.gpu_warmup} warm-up")
+    else:
+        notes.append("GPU: not available on this machine, not measured")
+    out = [header_md("Speed: dense vs ~50% MACs pruned", info, notes), "\n"]
+    settings = [("cpu_b1", "CPU batch 1"), ("cpu_b32", "CPU batch 32"), ("gpu", "GPU batch 256 bf16")]
+    settings = [s for s in settings if any(r.get(f"{s[0]}_ms") for r in rows)]
+    cols = ["model", "variant", "MACs ratio", "params ratio", "aligned8"]
+    for key, label in settings:
+        cols += [f"{label} ms", f"{label} speed-up", f"{label} efficiency"]
+    cols.append("error")
+    table = []
+    for r in rows:
+        line = [f"`{r['model']}`", r["variant"], _f(r.get("macs_ratio"), 3), _f(r.get("params_ratio"), 3),
+                _f(r.get("aligned8"), 2)]
+        for key, _ in settings:
+            line += [_f(r.get(f"{key}_ms"), 1 if (r.get(f"{key}_ms") or 0) >= 10 else 2),
+                     _f(r.get(f"{key}_speedup"), 2, "×"), _f(r.get(f"{key}_efficiency"), 2)]
+        line.append(r.get("error", ""))
+        table.append(line)
+    out.append(md_table(cols, table))
+    return "".join(out)
+
+
+def _f(v, digits, suffix=""):
+    if v is None:
+        return "–"
+    return f"{v:.{digits}f}{suffix}"
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--models", help=f"comma-separated subset of {','.join(MODELS)} (or other timm names)")
+    ap.add_argument("--variants", help=f"comma-separated subset of {','.join(ALL_VARIANTS)}")
+    ap.add_argument("--iters", type=int, default=30, help="timed passes at batch 1")
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--iters32", type=int, default=5, help="timed passes at batch 32 (0 skips)")
+    ap.add_argument("--warmup32", type=int, default=1)
+    ap.add_argument("--gpu-batch", type=int, default=256)
+    ap.add_argument("--gpu-iters", type=int, default=30)
+    ap.add_argument("--gpu-warmup", type=int, default=10)
+    ap.add_argument("--target-macs", type=float, default=0.5)
+    ap.add_argument("--tp-ratio", type=float, default=0.3, help="Torch-Pruning pruning_ratio (0.3 ≈ 50%% MACs)")
+    ap.add_argument("--quick", action="store_true", help="resnet50 + deit_small, few iterations")
+    ap.add_argument("--out", default=None, help="stem of the result files (default speed_cpu / speed_gpu)")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.models = args.models or "resnet50,deit_small_patch16_224"
+        args.iters, args.warmup, args.iters32, args.warmup32 = 5, 1, 1, 0
+        args.gpu_iters, args.gpu_warmup = 5, 2
+    models = args.models.split(",") if args.models else MODELS
+    variants = args.variants.split(",") if args.variants else list(DEFAULT_VARIANTS)
+    if "dense" not in variants:
+        variants.insert(0, "dense")
+    if not torch_pruning_available():
+        variants = [v for v in variants if not v.startswith("torch_pruning")]
+
+    info = env_info()
+    t_all = time.perf_counter()
+    rows: list[dict] = []
+    for name in models:
+        print(f"{name}:", flush=True)
+        try:
+            rows += bench_model(name, variants, args, lambda s: print(s, flush=True))
+        except Exception as exc:  # noqa: BLE001
+            rows.append({"model": name, "variant": "dense", "error": first_line(exc),
+                         "traceback": traceback.format_exc(limit=-6).replace(os.getcwd() + os.sep, "")})
+            print(f"  FAILED {first_line(exc)}", flush=True)
+        gc.collect()
+    info["total_s"] = time.perf_counter() - t_all
+    md = render(rows, info, args) + f"\nTotal wall time: {info['total_s'] / 60:.1f} min\n"
+    stem = args.out or ("speed_gpu" if torch.cuda.is_available() and args.gpu_iters > 0 else "speed_cpu")
+    paths = write_results(stem, md, {"info": info, "args": vars(args), "rows": rows})
+    print()
+    print(md)
+    print("written:", *paths)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
