@@ -17,8 +17,23 @@ from .pruner import StructuredPruner, _BrokenForward, compact
 __all__ = ["prune", "compact", "PruningError"]
 
 STRUCTURED_METHODS = ("depgraph",)
+WEIGHT_METHODS = ("rd", "ovit", "magnitude")
 PRUNE_RECORD = "hf_prune_record"  # model attribute: method, settings and before/after counts
 MAX_REPAIRS = 4
+
+
+def _prune_weights(model, method, sparsity, calib, example_inputs):
+    from .methods.weight_allocation import prune_weights
+
+    if sparsity is None:
+        raise PruningError(f"method={method!r} removes individual weights: give sparsity= (fraction of the "
+                           "prunable weights to zero), not target_macs")
+    stats = prune_weights(model, method=method, sparsity=sparsity, calib=calib, example_inputs=example_inputs)
+    model.__dict__[PRUNE_RECORD] = {
+        "method": method, "settings": {"sparsity": sparsity},
+        "stats": {k: v for k, v in stats.items() if isinstance(v, (int, float)) and not isinstance(v, bool)},
+    }
+    return model
 
 
 def _prune_depth(model, example_inputs, blocks, num_blocks, target_macs):
@@ -69,8 +84,9 @@ def prune(model: nn.Module, method: str = "depgraph", *, example_inputs=None, sp
           prune_stem=False, compact=True, calib=None, loss_fn=None, blocks=None, num_blocks=None):
     """Prune ``model`` in place and return it.
 
-    method: ``"depgraph"`` (structured: channels, heads, groups) or ``"updp"`` (depth: whole blocks
-    merged into fewer linear layers; give ``blocks=[...]``, ``num_blocks=k`` or ``target_macs``).
+    method: ``"depgraph"`` (structured: channels, heads, groups), ``"updp"`` (depth: whole blocks
+    merged into fewer linear layers; give ``blocks=[...]``, ``num_blocks=k`` or ``target_macs``), or
+    ``"rd"`` / ``"ovit"`` / ``"magnitude"`` (individual weights; give ``sparsity`` and ``calib``).
     Targets: ``sparsity`` (fraction of prunable parameters to remove) or ``target_macs`` (fraction
     of dense MACs to keep).
     importance: ``"l2"`` | ``"l1"`` | ``"taylor"``. mode: ``"global"`` | ``"local"``. round_to:
@@ -79,8 +95,11 @@ def prune(model: nn.Module, method: str = "depgraph", *, example_inputs=None, sp
     """
     if method == "updp":
         return _prune_depth(model, example_inputs, blocks, num_blocks, target_macs)
+    if method in WEIGHT_METHODS:
+        return _prune_weights(model, method, sparsity, calib, example_inputs)
     if method not in STRUCTURED_METHODS:
-        raise PruningError(f"unknown method {method!r}; available: {', '.join(STRUCTURED_METHODS + ('updp',))}")
+        raise PruningError(f"unknown method {method!r}; available: "
+                           f"{', '.join(STRUCTURED_METHODS + ('updp',) + WEIGHT_METHODS)}")
     if importance == "taylor":
         _taylor_gradients(model, calib, loss_fn)
     options = dict(ignored_layers=ignored_layers, prune_stem=prune_stem)

@@ -363,3 +363,21 @@ def test_rd_callback_in_trainer(tmp_path):
     state = json.loads((tmp_path / "checkpoint-2" / "hf_prune_state.json").read_text())
     assert state["callback"] == "RDCallback" and "weight_masks" in state
     assert any("prune/sparsity" in h for h in trainer.state.log_history)
+
+
+def test_prune_entry_point_dispatches_weight_methods():
+    import timm
+
+    import hf_prune
+    from hf_prune.errors import PruningError
+
+    torch.manual_seed(0)
+    model = timm.create_model("resnet18", num_classes=10).eval()
+    calib = [(torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))) for _ in range(2)]
+    with pytest.raises(PruningError, match="sparsity"):
+        hf_prune.prune(model, method="rd", target_macs=0.5, calib=calib)
+    hf_prune.prune(model, method="magnitude", sparsity=0.5, calib=calib)
+    convs = [m.weight for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d) and n != "conv1"]
+    zeros = sum(int((w == 0).sum()) for w in convs) / sum(w.numel() for w in convs)
+    assert 0.45 <= zeros <= 0.55
+    assert model.__dict__["hf_prune_record"]["method"] == "magnitude"
