@@ -16,14 +16,6 @@ from hf_prune.cli import main
 RESNET18_MACS_64 = 148_557_824  # resnet18 at 1x3x64x64 (convolutions + fc)
 
 
-def _hub_available() -> bool:
-    try:
-        import hf_prune.hub  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def _run(capsys, argv):
     code = main(argv)
     out, err = capsys.readouterr()
@@ -36,8 +28,7 @@ def _script() -> str:
     if path.exists():
         return str(path)
     found = shutil.which("hf-prune")
-    if found is None:
-        pytest.skip("the hf-prune console script is not installed (pip install -e .)")
+    assert found is not None, "the hf-prune console script is not installed (pip install -e .)"
     return found
 
 
@@ -104,10 +95,6 @@ def test_prune_timm_saves_and_reloads(capsys, tmp_path):
     out_dir = tmp_path / "r18"
     argv = ["prune", "resnet18", "--image-size", "64", "--target-macs", "0.6", "--output", str(out_dir),
             "--json", "--iters", "5", "--threads", "1"]
-    if not _hub_available():
-        code, _, err = _run(capsys, argv)
-        assert code == 1 and "hf_prune.hub" in err
-        argv = argv[:6] + ["--json", "--iters", "5"]  # prune and measure without saving
     code, out, err = _run(capsys, argv)
     assert code == 0, err
     data = json.loads(out)
@@ -116,8 +103,6 @@ def test_prune_timm_saves_and_reloads(capsys, tmp_path):
     assert data["after"]["params"] < data["before"]["params"]
     assert data["ratios"]["speedup"] > 0 and data["after"]["latency_ms"] > 0
     assert data["target"] == {"target_macs": 0.6}
-    if not _hub_available():
-        return
     assert {"config.json", "model.safetensors"} <= set(os.listdir(out_dir))
     assert data["output"] == str(out_dir.resolve())
 
@@ -220,7 +205,6 @@ def test_local_transformers_directory(capsys, tmp_path):
     assert code == 2 and "--num-labels" in err
 
 
-@pytest.mark.skipif(not _hub_available(), reason="hf_prune.hub is not available")
 def test_push_to_local_hub_and_load_by_repo_id(capsys, tmp_path, hub_server):
     model_dir = _tiny_vit_dir(tmp_path / "vit")
     code, out, err = _run(capsys, ["prune", str(model_dir), "--target-macs", "0.5",
