@@ -349,10 +349,20 @@ def _fmt(x, nd=4):
 
 
 def compose(cache: dict) -> str:
-    info = cache.get("env", {})
+    info = dict(cache.get("env", {}))
+    cmds = []
+    for key in ("rd", "ovit", "digits"):
+        part = cache.get(key) or {}
+        envs = [rec.get("env") for rec in part.get("models", {}).values()] if key == "rd" else [part.get("env")]
+        for e in envs:
+            if e and e["command"] not in cmds:
+                cmds.append(e["command"])
+    if cmds:
+        info["command"] = "`, `".join(cmds)
     parts = [header_md("Unstructured weight pruning: RD, oViT and allocation baselines", info, notes=[
-        "CPU only, one intra-op thread for the timed parts (faster than two on this shared 2-core machine)",
-        "parts were run separately (see the commands below); each part's own date and load are listed",
+        "CPU only, one intra-op thread for every part (faster than two on this shared 2-core machine)",
+        "each large measurement ran in its own process (clean peak-RSS baselines); every section lists the "
+        "command, date and load of its own run; the date above is the last run's",
     ])]
     d = cache.get("digits")
     if d:
@@ -362,7 +372,7 @@ def compose(cache: dict) -> str:
                      f"- data: `load_digits(source=\"mnist\", image_size=28, channels=1)`: {s['train_items']} train / "
                      f"{s['val_items']} held-out real MNIST digits; accuracy on the held-out split; *agree* = top-1 "
                      f"agreement with the dense model\n"
-                     f"- training: AdamW + one-cycle, {s['epochs']} epochs, batch 64; pruned layers: all Conv/Linear "
+                     f"- training: AdamW + one-cycle, batch 64 (epochs per model below); pruned layers: all Conv/Linear "
                      f"except the stem / patch embedding and the classifier\n"
                      f"- RD: {s['rd_calib_images']} training images, grid {s['rd_grid']} points on [0, 1], curves measured "
                      f"once per model and reused for every sparsity; distortion = per-sample logit MSE, worst case "
@@ -375,7 +385,7 @@ def compose(cache: dict) -> str:
             parts.append(f"\n### {title}: dense accuracy {rec['dense_acc']:.4f}; {rec['prunable_layers']} prunable "
                          f"layers, {rec['prunable_weights']} weights; trained {rec.get('epochs', s['epochs'])} epochs "
                          f"in {rec['train_seconds']:.0f} s\n\n")
-            if "env" in rec:
+            if "env" in rec and rec["env"]["command"] != d["env"]["command"]:
                 parts.append(f"(re-run: `{rec['env']['command']}` — {rec['env']['date']})\n\n")
             sps = sorted({r["sparsity"] for r in rec["rows"]})
             methods = list(dict.fromkeys(r["method"] for r in rec["rows"]))
@@ -401,7 +411,9 @@ def compose(cache: dict) -> str:
                              "after pruning (no weight changes), the same for every method.\n")
             parts.append(f"\nRD curve measurement: {rec['rd_curve_seconds_max']:.1f} s (max), "
                          f"{rec['rd_curve_seconds_mean']:.1f} s (mean), once per model (the RD rows' time is the DP "
-                         f"and masking only).\n")
+                         f"and masking only; the oViT rows' time includes collecting the gradients). *layers ≤ 95%*: "
+                         f"the same curves without grid points above 95% (`max_sparsity=0.95`), so no layer is removed "
+                         f"whole — not the paper's setting.\n")
             if "size_sparse" in rec:
                 a, b = rec["size_dense"], rec["size_sparse"]
                 parts.append(f"\nSize on disk (safetensors, whole model, global magnitude at {max(sps):.0%}): dense "
@@ -413,8 +425,7 @@ def compose(cache: dict) -> str:
     if r:
         s = r["settings"]
         parts.append("\n## RD allocation cost on ResNet-50 and DeiT-S (CPU, random weights)\n\n")
-        parts.append(f"- command: `{r['env']['command']}` — {r['env']['date']}, load {r['env']['loadavg_start']}\n"
-                     f"- measured run: {s['calib_images']} Gaussian-noise images at {s['resolution']}×{s['resolution']} "
+        parts.append(f"- measured run: {s['calib_images']} Gaussian-noise images at {s['resolution']}×{s['resolution']} "
                      f"(DeiT-S built with `img_size={s['resolution']}`: same weights, fewer tokens), grid {s['grid']} "
                      f"points on [0, 1], target sparsity {s['sparsity']}, distortion = max over samples, "
                      f"{s['threads']} thread(s). At the brief's 32 images × 224 one forward pass takes seconds here, "
@@ -433,7 +444,7 @@ def compose(cache: dict) -> str:
                          f"{rec['extrapolated_curve_seconds_32x224_grid101'] / 60:.0f}",
                          f"{rec['sparsity_min']:.2f}–{rec['sparsity_max']:.2f}"])
         for name, rec in r["models"].items():
-            if "env" in rec:
+            if "env" in rec and rec["env"]["command"] != d["env"]["command"]:
                 parts.append(f"- `{name}`: `{rec['env']['command']}` — {rec['env']['date']}, load "
                              f"{rec['env']['loadavg_start']}\n")
         parts.append("\n")
@@ -465,7 +476,8 @@ def compose(cache: dict) -> str:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS)
+    p.add_argument("--parts", nargs="*", default=list(PARTS), choices=PARTS,
+                   help="parts to run (none: only re-compose the results file from the cache)")
     p.add_argument("--cache", default="/tmp/hf_prune_weight_pruning.json")
     p.add_argument("--output", default=str(RESULTS / "weight_pruning.md"))
     p.add_argument("--threads", type=int, default=1)
@@ -487,12 +499,17 @@ def main(argv=None):
     p.add_argument("--ovit-batch", type=int, default=8)
     p.add_argument("--large-block-size", type=int, default=32)
     p.add_argument("--no-write", action="store_true")
+    p.add_argument("--summary", default=None, help="markdown file whose text becomes the Summary section")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     cache_path = Path(args.cache)
     cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
     env = env_info()
-    cache["env"] = env
+    if args.parts:
+        cache["env"] = env
+    if args.summary:
+        cache["summary"] = Path(args.summary).read_text().strip()
+        cache_path.write_text(json.dumps(cache, indent=1, default=str))
     for part in args.parts:
         res = {"digits": part_digits, "rd": part_rd, "ovit": part_ovit}[part](args)
         res["env"] = env

@@ -22,6 +22,8 @@ _EXPORTS = {
     "DepGraphCallback": "hf_prune.callbacks",
     "UPDPCallback": "hf_prune.methods.updp_callback",
     "staged_finetune": "hf_prune.training",
+    "RDCallback": "hf_prune.methods.rd",
+    "OViTCallback": "hf_prune.methods.ovit",
 }
 
 __all__ = sorted(_EXPORTS)
