@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from .allocation import allocate
-from .errors import PruningError
+from .errors import CompactionError, PruningError
 from .graph import DependencyGraph, split_inputs
 from .importance import normalized_scores, unit_scores
 from .masks import StructuredMask, get_mask, set_mask
@@ -124,7 +124,10 @@ class StructuredPruner:
             _run(self.model, self.example_inputs)
             mask.remove_hooks()
             # Only hand out masks that compact: try it and put the model back.
-            undo = compact_units(self.model, self.graph, keep)
+            try:
+                undo = compact_units(self.model, self.graph, keep)
+            except CompactionError as exc:  # handled like a forward that breaks: keep that layer whole
+                raise _BrokenForward(exc.module) from exc
             try:
                 _run(self.model, self.example_inputs)
             finally:

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .adapters import sync_config
+from .errors import CompactionError
 from .utils import single_threaded_fn
 from .graph.tracer import HEAD_COUNT_ATTRS
 
@@ -81,10 +82,14 @@ def compact_units(model: nn.Module, graph, keep: torch.Tensor) -> Undo:
                     made = nn.Parameter(value, requires_grad=old.requires_grad) if kind == "_parameters" else value
                 undo.tensors.append((module, kind, attr, old))
                 getattr(module, kind)[attr] = made
-        for module in model.modules():
+        for name, module in model.named_modules():
             shapes = old_shapes.get(id(module))
             if shapes:
-                _fix_module(module, shapes, undo)
+                try:
+                    _fix_module(module, shapes, undo)
+                except Exception as exc:
+                    raise CompactionError(name, f"cannot resize module '{name}' ({type(module).__name__}): "
+                                                f"{exc!r}") from exc
         _fix_heads(model, graph, keep, undo)
         if hasattr(getattr(model, "config", None), "to_dict"):
             # Models built from one config object share it: the pruned one gets its own copy.
