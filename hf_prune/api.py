@@ -109,7 +109,7 @@ def prune(model: nn.Module, method: str = "depgraph", *, example_inputs=None, sp
         try:
             pruner = StructuredPruner(model, example_inputs, importance=importance, mode=mode,
                                       round_to=round_to, frozen_modules=frozen, **options)
-            pruner.step(sparsity=sparsity, target_macs=target_macs)
+            pruner.step(sparsity=sparsity, target_macs=target_macs, compacted=compact)
             stats = pruner.stats()
             model.__dict__[PRUNE_RECORD] = {
                 "method": method,
@@ -119,7 +119,7 @@ def prune(model: nn.Module, method: str = "depgraph", *, example_inputs=None, sp
                           "macs_before": pruner.dense_macs, "macs_after": stats["macs"],
                           "macs_batch_size": _batch_size(example_inputs)},
             }
-            return pruner.compact() if compact else model
+            return model
         except _BrokenForward as exc:
             # A layer read a width the trace cannot see (e.g. head size as C // num_heads, or equal
             # chunks of a split). Keep every layer of that class whole and try again.

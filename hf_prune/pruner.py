@@ -112,26 +112,40 @@ class StructuredPruner:
             raise PruningError(str(exc)) from exc
         return torch.unique(torch.cat([self.removed, removed]))
 
-    def step(self, *, sparsity=None, target_macs=None, scores=None) -> StructuredMask:
-        """Mask more units to reach the target; the model keeps its shapes."""
-        removed = self.plan(sparsity=sparsity, target_macs=target_macs, scores=scores)
+    def step(self, *, sparsity=None, target_macs=None, scores=None, compacted=False) -> StructuredMask | None:
+        """Mask more units to reach the target; the model keeps its shapes (see :meth:`apply`)."""
+        return self.apply(self.plan(sparsity=sparsity, target_macs=target_macs, scores=scores), compacted=compacted)
+
+    def apply(self, removed: torch.Tensor, *, compacted: bool = False) -> StructuredMask | None:
+        """Mask exactly the units ``removed`` (root ids of ``self.graph``), checked to compact.
+
+        Replaces any earlier mask of this pruner; the model keeps its shapes. Methods that choose
+        units themselves (searched widths, a resumed checkpoint) go through here. With
+        ``compacted=True`` the units are removed for good instead (one-shot pruning: the check's
+        compaction is kept, which saves a second compaction and forward pass); returns None then.
+        """
+        removed = torch.unique(torch.as_tensor(removed, dtype=torch.int64).reshape(-1))
+        prunable = torch.cat([torch.zeros(0, dtype=torch.int64)] + [g.units for g in self.graph.groups])
+        stray = removed[~torch.isin(removed, prunable)]
+        if stray.numel():
+            raise PruningError(f"apply() got {stray.numel()} ids that are not prunable units of this graph (e.g. "
+                               f"{stray[:3].tolist()}); take them from DependencyGraph.groups[i].units")
         keep = self.graph.keep_mask(removed)
         old = self.mask
+        if compacted:
+            if old is not None:
+                raise PruningError("this pruner's model carries masks; call compact() instead of compacted=True")
+            self._compact_checked(keep).discard()
+            self.removed = removed
+            return None
         if old is not None:
             old.remove_hooks()
         mask = StructuredMask(self.model, self.graph, keep)
         try:
-            _run(self.model, self.example_inputs)
             mask.remove_hooks()
-            # Only hand out masks that compact: try it and put the model back.
-            try:
-                undo = compact_units(self.model, self.graph, keep)
-            except CompactionError as exc:  # handled like a forward that breaks: keep that layer whole
-                raise _BrokenForward(exc.module) from exc
-            try:
-                _run(self.model, self.example_inputs)
-            finally:
-                undo.restore()
+            # Only hand out masks that compact: try it and put the model back. The masked model has the
+            # dense shapes and exact norm hooks, so the compacted forward is the one that can break.
+            self._compact_checked(keep).restore()
             mask.install_hooks(self.model)
         except BaseException:
             mask.restore(self.model)
@@ -142,6 +156,19 @@ class StructuredPruner:
         set_mask(self.model, mask)
         self.removed = removed
         return mask
+
+    def _compact_checked(self, keep: torch.Tensor):
+        """Compact and run the example inputs; on any failure the model is restored and the error raised."""
+        try:
+            undo = compact_units(self.model, self.graph, keep)
+        except CompactionError as exc:  # handled like a forward that breaks: keep that layer whole
+            raise _BrokenForward(exc.module) from exc
+        try:
+            _run(self.model, self.example_inputs)
+        except BaseException:
+            undo.restore()
+            raise
+        return undo
 
     def stats(self) -> dict:
         keep = self.graph.keep_mask(self.removed)

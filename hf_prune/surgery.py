@@ -37,6 +37,10 @@ class Undo:
             setattr(obj, attr, old)
         for module, kind, attr, old in reversed(self.tensors):
             getattr(module, kind)[attr] = old
+        self.discard()
+
+    def discard(self) -> None:
+        """Forget the record: the surgery stays."""
         self.tensors.clear()
         self.attrs.clear()
 

@@ -379,6 +379,42 @@ def test_pruner_steps_only_grow_masks_and_compact_exactly():
     assert torch.allclose(_call(model, x), masked, rtol=0, atol=1e-4 * masked.abs().max().item())
 
 
+@pytest.mark.parametrize("name", ["resnet18", "hf vit", "hf swin"])
+def test_one_shot_compaction_equals_masked_then_compacted(name):
+    model, x = MODELS[name]()
+    _randomize(model)
+    masked_model = copy.deepcopy(model)
+    prune(masked_model, example_inputs=x, target_macs=0.6, compact=False)
+    masked = _call(masked_model, x)
+    prune(model, example_inputs=x, target_macs=0.6)  # one-shot: the check's compaction is kept
+    assert hf_prune.masks.get_mask(model) is None
+    assert [p.shape for p in model.parameters()] == [p.shape for p in compact(masked_model).parameters()]
+    out = _call(model, x)
+    assert ((out - masked).abs().max() / masked.abs().max()).item() <= 1e-4
+
+
+def test_pruner_apply_masks_exactly_the_given_units():
+    from hf_prune.pruner import StructuredPruner
+
+    model, x = _timm("resnet18")
+    _randomize(model)
+    pruner = StructuredPruner(model, x, round_to=None)
+    group = max(pruner.graph.groups, key=len)
+    chosen = group.units[len(group) // 2:]  # the trailing half of one coupled group
+    pruner.apply(chosen)
+    assert torch.equal(pruner.removed, torch.unique(chosen))
+    kept = pruner.graph.keep_mask(pruner.removed)
+    assert int((~kept[group.units]).sum()) == len(chosen)
+    masked = _call(model, x)
+    pruner.compact()
+    assert torch.allclose(_call(model, x), masked, rtol=0, atol=1e-4 * masked.abs().max().item())
+    other = StructuredPruner(*_timm("resnet18"))
+    pinned = torch.nonzero(other.graph.pinned).flatten()[:2]
+    with pytest.raises(PruningError, match="not prunable units"):
+        other.apply(pinned)
+    assert hf_prune.masks.get_mask(other.model) is None
+
+
 def test_transformers_config_follows_uniform_widths():
     model, x = _hf("vit")
     prune(model, example_inputs=x, target_macs=0.5, mode="local", round_to=None, prune_stem=True)

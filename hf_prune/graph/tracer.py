@@ -25,6 +25,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map
 
+from ..utils import caller_threads
 from .labels import Labels, Pins, UnionFind, compress, reshape_plane, varying_dims, zeros_plane
 
 aten = torch.ops.aten
@@ -268,8 +269,12 @@ class Tracer(TorchDispatchMode):
     # ------------------------------------------------------------------ dispatch
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        out = func(*args, **kwargs)
         name = _op_name(func)
+        if name in _HEAVY or name in _SDPA:
+            with caller_threads():
+                out = func(*args, **kwargs)
+        else:
+            out = func(*args, **kwargs)
         try:
             self._propagate(func, name, args, kwargs, out)
         except Exception as exc:  # an op we could not follow: forbid pruning what it touched
@@ -706,6 +711,9 @@ def _looks_like_norm(module: nn.Module) -> bool:
     name = type(module).__name__.lower()
     return "norm" in name and (hasattr(module, "eps") or hasattr(module, "variance_epsilon"))
 
+
+# The model's own compute: run with the caller's threads even inside the engine's single-threaded block.
+_HEAVY = {"mm", "addmm", "bmm", "baddbmm", "linear", "convolution", "_convolution", "mkldnn_convolution"}
 
 _RULES = {
     "mm": Tracer._mm,
