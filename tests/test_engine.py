@@ -325,6 +325,47 @@ def test_layers_with_hidden_widths_are_repaired_or_refused_cleanly():
     assert _call(model, x).shape == (2, 4)
 
 
+class _StoredSplit(nn.Module):
+    """Res2Net/CSP style: the block splits its input at a width stored in the block."""
+
+    def __init__(self):
+        super().__init__()
+        self.width = 16
+        self.conv1, self.conv_a = nn.Conv2d(8, 32, 1), nn.Conv2d(16, 16, 3, padding=1)
+        self.conv3 = nn.Conv2d(32, 8, 1)
+
+    def forward(self, x):
+        a, b = self.conv1(x).split(self.width, dim=1)
+        return x + self.conv3(torch.cat([self.conv_a(a).relu(), b], dim=1))
+
+
+class _ScaledNet(nn.Module):
+    """HGNetV2 style learnable scalar affine between convolutions."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.mid, self.out = nn.Conv2d(3, 8, 3), nn.Conv2d(8, 32, 3), nn.Conv2d(32, 8, 1)
+        self.scale, self.bias = nn.Parameter(torch.tensor([1.5])), nn.Parameter(torch.tensor([0.1]))
+        self.blocks = nn.Sequential(_StoredSplit(), _StoredSplit())
+
+    def forward(self, x):
+        h = self.mid(self.stem(x)) * self.scale + self.bias
+        return self.blocks(self.out(h.relu())).mean((2, 3))
+
+
+def test_stored_split_widths_and_scalar_parameters_are_handled():
+    model, x = _ScaledNet(), torch.randn(2, 3, 12, 12)
+    _randomize(model)
+    reference = copy.deepcopy(model)
+    with pytest.warns(UserWarning, match="splits around it"):
+        prune(model, example_inputs=x, target_macs=0.8, round_to=None)
+    assert model.mid.out_channels < 32  # the scalar affine does not couple every channel
+    for block in model.blocks:
+        assert block.conv1.out_channels == 32  # the split input stays whole ...
+    assert any(block.conv_a.out_channels < 16 for block in model.blocks)  # ... its branch is still pruned
+    assert _call(model, x).shape == _call(reference, x).shape
+
+
 def test_multihead_attention_runs_after_pruning():
     class Block(nn.Module):
         def __init__(self):

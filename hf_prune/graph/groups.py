@@ -52,7 +52,7 @@ class DependencyGraph:
 
     @single_threaded_fn
     def __init__(self, model: nn.Module, example_inputs, *, ignored_layers=(), prune_stem=False,
-                 prune_heads=True, frozen_modules=()):
+                 prune_heads=True, frozen_modules=(), frozen_splits=()):
         self.model = model
         self.trace: Trace = trace(model, example_inputs)
         uf = self.trace.uf
@@ -61,6 +61,9 @@ class DependencyGraph:
         self.members = self._members()
         self.example_inputs = example_inputs
         self.pinned = self._pinned(ignored_layers, prune_stem, prune_heads, frozen_modules)
+        for module, plane in self.trace.splits:
+            if module in frozen_splits:  # sizes stored in the module: the split's input keeps its width
+                self.pinned[uf.find(plane.reshape(-1))] = True
         self.groups = self._groups()
         self.tensor_shapes = {n: tuple(t.shape) for n, t in self._named_tensors().items()}
         self.param_names = {n for n, _ in model.named_parameters()}

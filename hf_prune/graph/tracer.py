@@ -73,6 +73,7 @@ class Trace:
     norms: list
     unknown: list  # (op, module) pairs that pinned labels
     output_shapes: list
+    splits: list = field(default_factory=list)  # (module, element labels of the input) per split op
 
 
 _CREATION = {
@@ -163,6 +164,7 @@ class Tracer(TorchDispatchMode):
         self.lanes: list[LaneRecord] = []
         self.norms: list[NormRecord] = []
         self.unknown: list[tuple[str, str]] = []
+        self.splits: list[tuple[str, torch.Tensor]] = []
         self.stack: list[str] = []
         self.input_ids: set[int] = set()
         self.module_names = {id(m): n for n, m in model.named_modules(remove_duplicate=False)}
@@ -183,6 +185,10 @@ class Tracer(TorchDispatchMode):
         for name, t in named:
             if id(t) in self.table:
                 self.aliases[name] = self.table[id(t)][1].source
+                continue
+            if t.numel() == 1:
+                # A scalar (learnable affine, temperature) scales every channel alike: it has no
+                # channel to lose, and labelling it would couple every channel it touches.
                 continue
             dims = [None if n == 1 else _along(self.uf.fresh(n), t.dim(), d)
                     for d, n in enumerate(t.shape)]
@@ -333,6 +339,9 @@ class Tracer(TorchDispatchMode):
 
     # ------------------------------------------------------------------ rule families
     def _move(self, func, name, args, kwargs, out):
+        if name in _SPLITS and self._get(args[0]) is not None and self._get(args[0]).elem is not None:
+            # Sizes given to a split may be stored in the module; the repair loop can pin these.
+            self.splits.append((self.stack[-1] if self.stack else "", self._get(args[0]).elem))
         if name in _RESHAPE and isinstance(out, torch.Tensor) and self._get(args[0]) is not None:
             lab = self._get(args[0])
             planes = [None if p is None else reshape_plane(p.expand(args[0].shape) if p.dim() != args[0].dim() else p,
@@ -712,6 +721,9 @@ def _looks_like_norm(module: nn.Module) -> bool:
     return "norm" in name and (hasattr(module, "eps") or hasattr(module, "variance_epsilon"))
 
 
+_SPLITS = {"split", "split_with_sizes", "unsafe_split", "unsafe_split_with_sizes", "_unsafe_split",
+           "split_copy", "split_with_sizes_copy", "tensor_split"}
+
 # The model's own compute: run with the caller's threads even inside the engine's single-threaded block.
 _HEAVY = {"mm", "addmm", "bmm", "baddbmm", "linear", "convolution", "_convolution", "mkldnn_convolution"}
 
@@ -756,7 +768,7 @@ def trace(model: nn.Module, example_inputs) -> Trace:
     outs = _output_tensors(output)
     tracer.pin_outputs(outs)
     return Trace(tracer.uf, tracer.params, tracer.aliases, tracer.pins, tracer.macs, tracer.lanes,
-                 tracer.norms, tracer.unknown, [tuple(t.shape) for t in outs])
+                 tracer.norms, tracer.unknown, [tuple(t.shape) for t in outs], tracer.splits)
 
 
 def split_inputs(example_inputs):
