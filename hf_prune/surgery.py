@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .adapters import sync_config
+from .adapters.mha import adapt_attention
 from .errors import CompactionError
 from .utils import single_threaded_fn
 from .graph.tracer import HEAD_COUNT_ATTRS
@@ -186,3 +187,7 @@ def _fix_heads(model: nn.Module, graph, keep: torch.Tensor, undo: Undo) -> None:
             value = getattr(module, attr, None)
             if isinstance(value, int) and value % old == 0:
                 undo.set_attr(module, attr, value // old * new)
+        try:
+            adapt_attention(module, undo.set_attr)
+        except ValueError as exc:
+            raise CompactionError(name, f"cannot remove heads of '{name}': {exc}") from exc

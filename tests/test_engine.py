@@ -366,23 +366,64 @@ def test_stored_split_widths_and_scalar_parameters_are_handled():
     assert _call(model, x).shape == _call(reference, x).shape
 
 
-def test_multihead_attention_runs_after_pruning():
-    class Block(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.attn = nn.MultiheadAttention(32, 4, batch_first=True)
-            self.mlp = nn.Sequential(nn.Linear(32, 128), nn.GELU(), nn.Linear(128, 32))
-            self.head = nn.Linear(32, 5)
+class _MHABlock(nn.Module):
+    def __init__(self, batch_first=True):
+        super().__init__()
+        self.embed = nn.Linear(16, 32)  # the stem (kept whole by default) is not the attention
+        self.attn = nn.MultiheadAttention(32, 4, batch_first=batch_first)
+        self.mlp = nn.Sequential(nn.Linear(32, 128), nn.GELU(), nn.Linear(128, 32))
+        self.head = nn.Linear(32, 5)
 
-        def forward(self, x):
-            x = x + self.attn(x, x, x, need_weights=False)[0]
-            return self.head((x + self.mlp(x)).mean(1))
+    def forward(self, x, pad=None):
+        x = self.embed(x)
+        x = x + self.attn(x, x, x, key_padding_mask=pad, need_weights=False)[0]
+        return self.head((x + self.mlp(x)).mean(1 if self.attn.batch_first else 0))
 
-    model, x = Block().eval(), torch.randn(2, 7, 32)
-    before = _call(model, x)
-    prune(model, example_inputs=x, target_macs=0.8, round_to=None)
-    assert model.mlp[0].out_features < 128
-    assert _call(model, x).shape == before.shape
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_multihead_attention_heads_are_pruned_exactly(batch_first):
+    from hf_prune.adapters.mha import PrunedMultiheadAttention
+
+    model = _MHABlock(batch_first).eval()
+    _randomize(model)
+    x = torch.randn(2, 7, 16) if batch_first else torch.randn(7, 2, 16)
+    prune(model, example_inputs=x, target_macs=0.6, round_to=None, compact=False)
+    masked = _call(model, x)
+    compact(model)
+    attn = model.attn
+    assert isinstance(attn, PrunedMultiheadAttention) and attn.num_heads < 4 and attn.embed_dim == 32
+    assert attn.in_proj_weight.shape == (3 * attn.num_heads * 8, 32) and attn.out_proj.in_features == attn.num_heads * 8
+    assert ((_call(model, x) - masked).abs().max() / masked.abs().max()).item() <= 1e-4
+    # the replacement honours torch's mask convention (True = may not attend) and returns weights
+    pad = torch.zeros(2, 7, dtype=torch.bool)
+    pad[:, -2:] = True
+    x = model.embed(x)
+    out, weights = attn(x, x, x, key_padding_mask=pad, need_weights=True, average_attn_weights=False)
+    assert weights.shape == (2, attn.num_heads, 7, 7)
+    assert torch.all(weights[..., -2:] == 0) and torch.allclose(weights.sum(-1), torch.ones(2, attn.num_heads, 7))
+    assert torch.allclose(out, attn(x, x, x, key_padding_mask=pad, need_weights=False)[0], atol=1e-5)
+
+
+def test_pruned_multihead_attention_saves_and_loads(tmp_path):
+    import timm
+    from timm.models import register_model
+
+    # a model registered with timm, as a user's own timm architecture would be
+    timm_block = type("MHABlock", (_MHABlock,), {"__module__": "timm.models.hf_prune_test"})
+
+    @register_model
+    def hf_prune_test_mha_block(pretrained=False, **kwargs):
+        model = timm_block()
+        model.pretrained_cfg = {"architecture": "hf_prune_test_mha_block", "input_size": (7, 16)}
+        return model
+
+    model, x = timm.create_model("hf_prune_test_mha_block").eval(), torch.randn(2, 7, 16)
+    _randomize(model)
+    prune(model, example_inputs=x, target_macs=0.6, round_to=None)
+    hf_prune.save_pretrained(model, tmp_path)
+    loaded = hf_prune.AutoPrunedModel.from_pretrained(tmp_path).eval()
+    assert type(loaded.attn) is type(model.attn) and loaded.attn.num_heads == model.attn.num_heads < 4
+    assert torch.equal(_call(loaded, x), _call(model, x))
 
 
 def test_masks_enforce_after_updates_and_compact_matches():

@@ -756,6 +756,7 @@ def trace(model: nn.Module, example_inputs) -> Trace:
 
     hooks = [nn.modules.module.register_module_forward_pre_hook(push),
              nn.modules.module.register_module_forward_hook(pop, always_call=True)]
+    hooks += _slow_path_hooks(model)
     was_training = model.training
     model.eval()
     try:
@@ -769,6 +770,29 @@ def trace(model: nn.Module, example_inputs) -> Trace:
     tracer.pin_outputs(outs)
     return Trace(tracer.uf, tracer.params, tracer.aliases, tracer.pins, tracer.macs, tracer.lanes,
                  tracer.norms, tracer.unknown, [tuple(t.shape) for t in outs], tracer.splits)
+
+
+def _slow_path_hooks(model: nn.Module) -> list:
+    """Make nn.MultiheadAttention take its decomposed path while traced.
+
+    In inference it calls one fused kernel (``_native_multi_head_attention``) whose heads the label
+    rules cannot see; with gradients enabled it runs projections, reshapes and attention as
+    separate ops. Only the trace sees this: the outputs are the same.
+    """
+    hooks, modes = [], []
+
+    def enter(module, _inputs):
+        modes.append(torch.is_grad_enabled())
+        torch.set_grad_enabled(True)
+
+    def leave(module, _inputs, _output):
+        torch.set_grad_enabled(modes.pop())
+
+    for m in model.modules():
+        if isinstance(m, nn.MultiheadAttention):
+            hooks.append(m.register_forward_pre_hook(enter))
+            hooks.append(m.register_forward_hook(leave, always_call=True))
+    return hooks
 
 
 def split_inputs(example_inputs):

@@ -84,6 +84,8 @@ import re
 import torch
 from torch import nn
 
+from ..adapters.mha import adapt_attention
+
 __all__ = ["FORMAT_VERSION", "ROLES", "SpecError", "PassThrough", "structure_spec", "apply_spec",
            "validate_spec", "layer_role"]
 
@@ -553,6 +555,7 @@ def apply_spec(model: nn.Module, spec: dict) -> nn.Module:
                 module._buffers[name] = new
         for name, value in entry["attrs"].items():
             setattr(module, name, _decode(value, getattr(module, name, None)))
+        adapt_attention(module)
     by_path = dict(model.named_modules())
     for entry, _ in removals:
         parent_path, _, child = entry["path"].rpartition(".")
