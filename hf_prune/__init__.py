@@ -21,6 +21,8 @@ _EXPORTS = {
     "PruningCallback": "hf_prune.callbacks",
     "DepGraphCallback": "hf_prune.callbacks",
     "UPDPCallback": "hf_prune.methods.updp_callback",
+    "UPDPSupernetCallback": "hf_prune.methods.updp_callback",
+    "DepthSupernet": "hf_prune.methods.updp_search",
     "staged_finetune": "hf_prune.training",
     "RDCallback": "hf_prune.methods.rd",
     "OViTCallback": "hf_prune.methods.ovit",

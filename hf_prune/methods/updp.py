@@ -5,7 +5,9 @@ chosen subnet, in which every block chosen for pruning moves gradually from its 
 *mergeable* one (activations -> identity, LayerNorm -> BatchNorm, a BN and one activation kept at the
 end), and (4) exact re-parameterisation that merges each pruned block into fewer, linear layers.
 There is no public code; this module implements (3) and (4), a cheap proxy for (2), and the one-shot
-form. Supernet training and search are not implemented (see *Not done*).
+form; (1) and (2), the depth supernet and the evolutionary subnet search under a block-count, MACs or
+measured-latency budget, are :mod:`hf_prune.methods.updp_search`, whose chosen blocks feed
+``prune_depth(blocks=...)`` / ``UPDPCallback(blocks=...)``.
 
 Public API
 ----------
@@ -75,7 +77,7 @@ Open choices (documented here, as METHODS.md asks)
   are re-estimated on ``example_inputs`` (affine parameters kept): the new end BN then maps the
   linearised branch back to the original branch's per-channel mean and variance.
 * Block choice when only ``num_blocks`` / ``target_macs`` is given (a cheap stand-in for the paper's
-  supernet search): every candidate is annealed alone to ``lam = 1`` (with BN recalibration, without
+  supernet search, which is :func:`hf_prune.methods.updp_search.search`): every candidate is annealed alone to ``lam = 1`` (with BN recalibration, without
   an added end activation, whatever ``end_act`` says) on a copy of the model and scored by the
   relative change of the output on ``example_inputs``
   (``||f' - f||^2 / ||f||^2``); ``num_blocks``: the ``k`` smallest; ``target_macs``: greedily by
@@ -95,12 +97,10 @@ Caveats
   gradient checkpointing).
 * A merged HF ViT/DeiT layer is not a ``ViTLayer``: ``output_hidden_states`` no longer lists it.
 
-Not done (later steps)
-----------------------
-* Supernet training (each step, sample a random subset of blocks at ``lam = 1``) and the paper's
-  subnet search (evolutionary / greedy under a MACs or latency budget scored by supernet accuracy).
-* Real-data evidence (accuracy after the same fine-tuning budget vs. removal baselines) and speed
-  benchmarks (merged vs dense latency, CPU and GPU, as DESIGN.md asks).
+Evidence and speed
+------------------
+``benchmarks/updp_evidence.py`` (progressive vs abrupt on real MNIST digits, search ranking) and
+``benchmarks/updp_speed.py`` (merged vs dense latency); results in ``benchmarks/results/``.
 """
 from __future__ import annotations
 

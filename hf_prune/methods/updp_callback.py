@@ -24,6 +24,9 @@ Event flow (step ``t`` = optimizer steps done, ``T`` = ``state.max_steps``):
   :attr:`UPDPCallback.record` holds the merged-block entries (for the structure spec's
   ``merged_blocks``).
 
+:class:`UPDPSupernetCallback` (at the end) is UPDP's stage 1 in the Trainer: it trains the depth supernet
+of :mod:`hf_prune.methods.updp_search`, one sampled subnet per optimizer step.
+
 Defaults: ``UPDPCallback()`` prunes a quarter of the candidate blocks (at least one), chosen by the
 output-change proxy on the first training items; lambda goes linearly from 0 at the start of training
 to 1 at 80% of it, so the last 20% of the steps train the exact mergeable form; a new activation is
@@ -35,8 +38,10 @@ import logging
 import warnings
 
 from torch import nn
+from transformers import TrainerCallback
 
-from ..callbacks import STATE_VERSION, PruningCallback, _model_device, _to_device
+from ..callbacks import (STATE_VERSION, PruningCallback, _model_device, _to_device,
+                         example_inputs_from_dataloader)
 from ..errors import PruningError
 from ..schedules import Annealing
 from .updp import (UPDPAnnealer, _resolve, _select, anneal, annealed_blocks, calibrate, find_blocks, set_lambda,
@@ -44,7 +49,7 @@ from .updp import (UPDPAnnealer, _resolve, _select, anneal, annealed_blocks, cal
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["UPDPCallback"]
+__all__ = ["UPDPCallback", "UPDPSupernetCallback"]
 
 
 class UPDPCallback(PruningCallback):
@@ -247,3 +252,59 @@ class UPDPCallback(PruningCallback):
                           "the optimizer as an extra group (no learning-rate schedule; not synchronised by DDP). "
                           "Pass the callback to Trainer(callbacks=[...]) instead.", stacklevel=2)
             self._late_params = []
+
+
+class UPDPSupernetCallback(TrainerCallback):
+    """UPDP stage 1 inside ``transformers.Trainer``: train the depth supernet, one sampled subnet per step.
+
+    ``on_init_end`` wraps the candidate blocks in a :class:`~hf_prune.methods.updp_search.DepthSupernet`
+    (before the optimizer, so the new BNs are trained); ``on_train_begin`` calibrates the new BNs on
+    ``example_inputs`` or the first training items (not when resuming: that would overwrite trained BNs);
+    ``on_step_begin`` sets the subnet of optimizer step ``t`` from
+    ``SubnetSampler(n, seed=seed, num_blocks=num_blocks, prob=prob)(t)`` — a function of ``(seed, t)``
+    only, so every DDP rank runs the same subnet (DDP needs ``find_unused_parameters=True``, the
+    Trainer's default). Training ends at choice ``()``; the supernet stays wrapped for
+    :func:`~hf_prune.methods.updp_search.search` (``callback.supernet``), then
+    :meth:`~hf_prune.methods.updp_search.DepthSupernet.restore` unwraps it. No distillation here (a callback
+    cannot change the loss; :func:`~hf_prune.methods.updp_search.train_supernet` has it).
+    """
+
+    def __init__(self, blocks=None, *, num_blocks: int | None = None, prob: float = 0.5, seed: int | None = None,
+                 example_inputs=None, end_act: bool = True):
+        self.blocks, self.num_blocks, self.prob, self.seed = blocks, num_blocks, prob, seed
+        self.example_inputs, self.end_act = example_inputs, end_act
+        self.supernet = None
+        self.sampler = None
+
+    def on_init_end(self, args, state, control, model=None, **kwargs):
+        from .updp_search import DepthSupernet
+
+        if model is not None and self.supernet is None:
+            self.supernet = DepthSupernet(model, self.blocks, end_act=self.end_act)
+
+    def on_train_begin(self, args, state, control, model=None, train_dataloader=None, **kwargs):
+        from .updp_search import SubnetSampler
+
+        if self.supernet is None or self.supernet.model is not model:
+            raise PruningError("UPDPSupernetCallback must be passed to Trainer(callbacks=[...]) so that the supernet "
+                               "is built before the optimizer")
+        if state.global_step == 0:
+            inputs = self.example_inputs
+            if inputs is None:
+                inputs = example_inputs_from_dataloader(train_dataloader, n=8,
+                                                        label_names=getattr(args, "label_names", None))
+            self.supernet.calibrate([_to_device(inputs, _model_device(model))])
+        seed = self.seed if self.seed is not None else int(getattr(args, "seed", 0))
+        self.sampler = SubnetSampler(self.supernet.num_candidates, seed=seed, num_blocks=self.num_blocks,
+                                     prob=self.prob)
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.supernet.set_choice(self.sampler(state.global_step))
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs is not None and self.supernet is not None:
+            logs["updp/supernet_pruned"] = len(self.supernet.choice)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.supernet is not None:
+            self.supernet.set_choice(())
