@@ -13,9 +13,17 @@ one at a time and the results file is re-composed from whatever is cached):
   noise calibration images = the paper's zero-data variant): curve time, DP time and table size,
   peak RSS; the DP again on a 101-point grid (curves linearly interpolated) and a measured forward at
   the brief's 32×224 to extrapolate the curve cost at full settings.
-* ``ovit``: oViT on DeiT-S at small m: time per phase and peak RSS.
+* ``ovit``: oViT on DeiT-S (112×112) at one configuration per run (``--large-num-grads``,
+  ``--large-block-size``, ``--ovit-dtype``, ``--fisher``, ``--max-fisher-mb``): time per phase and
+  peak RSS, with the extrapolation to the paper's B = 192, m = 4096.
+* ``gradual``: the small CNN on real digits, dense-trained, then pruned to 90% with the same
+  fine-tuning budget four ways: oViT one-shot + fine-tune, oViT gradual (cubic, ``OViTCallback``),
+  and the same two with global magnitude. Held-out accuracy.
+* ``semi24``: dense vs 2:4 (``torch.sparse.to_sparse_semi_structured``) DeiT-S linear layers at
+  batch 256 fp16/bf16 on a CUDA GPU; without one it records "not measured".
 
-Run from the repository root: ``PYTHONPATH=. .venv/bin/python benchmarks/weight_pruning.py``.
+Run from the repository root: ``PYTHONPATH=. .venv/bin/python benchmarks/weight_pruning.py --parts PART``
+(the default runs every part in one process; run large parts one per process for clean RSS).
 """
 from __future__ import annotations
 
@@ -39,7 +47,7 @@ from hf_prune.methods import rd as rd_mod  # noqa: E402
 from hf_prune.methods.weight_allocation import prune_weights  # noqa: E402
 from hf_prune.weight_masks import WeightMasks, prunable_layers, safetensors_size  # noqa: E402
 
-PARTS = ("digits", "rd", "ovit")
+PARTS = ("digits", "rd", "ovit", "gradual", "semi24")
 
 
 # ----------------------------------------------------------------------------------------- helpers
@@ -318,27 +326,244 @@ def part_rd(args) -> dict:
 # ----------------------------------------------------------------------------------------- oViT large
 
 
+def _ovit_label(args) -> str:
+    budget = f", max_fisher_mb={args.max_fisher_mb:g}" if args.max_fisher_mb else ""
+    return (f"m={args.large_num_grads} x {args.ovit_batch}, B={args.large_block_size}, {args.ovit_dtype}, "
+            f"fisher={args.fisher}{budget}")
+
+
 def part_ovit(args) -> dict:
+    """oViT on DeiT-S (random weights, Gaussian images with random labels): time per phase and peak RSS.
+    Each configuration is one run (one process for a clean RSS baseline), cached under its label."""
     import timm
 
     torch.manual_seed(0)
     model = timm.create_model("deit_small_patch16_224", pretrained=False, img_size=args.rd_res).eval()
-    m = args.large_num_grads
+    m, dtype = args.large_num_grads, getattr(torch, args.ovit_dtype)
     calib = [(torch.randn(args.ovit_batch, 3, args.rd_res, args.rd_res), torch.randint(0, 1000, (args.ovit_batch,)))
              for _ in range(m)]
     info = {}
     with PeakRSS() as mem:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         stats = prune_weights(model, method="ovit", sparsity=0.5, calib=calib, block_size=args.large_block_size,
-                              num_grads=m, damping=1e-8, num_threads=1, info=info)
-        total = time.perf_counter() - t0
+                              num_grads=m, damping=1e-8, dtype=dtype, fisher=args.fisher,
+                              max_fisher_mb=args.max_fisher_mb, num_threads=1, info=info)
+        total, cpu = time.perf_counter() - t0, time.process_time() - c0
     rec = {"model": "deit_small_patch16_224", "img_size": args.rd_res, "num_grads": m, "batch": args.ovit_batch,
-           "block_size": args.large_block_size, "dtype": "float64", "chunk_bytes": 256 << 20,
-           "prunable_weights": stats["num_weights"], "achieved_sparsity": stats["global_sparsity"],
-           "total_seconds": total, "peak_rss_delta_mb": mem.delta_mb, "rss_base_mb": mem.base / 2 ** 20,
-           **{k: v for k, v in info.items() if isinstance(v, (int, float))}}
+           "block_size": args.large_block_size, "dtype": args.ovit_dtype, "chunk_bytes": 256 << 20,
+           "max_fisher_mb": args.max_fisher_mb, "prunable_weights": stats["num_weights"],
+           "achieved_sparsity": stats["global_sparsity"], "total_seconds": total, "cpu_seconds": cpu,
+           "peak_rss_delta_mb": mem.delta_mb,
+           "rss_base_mb": mem.base / 2 ** 20, "layers": len(stats["layers"]),
+           **{k: v for k, v in info.items() if isinstance(v, (int, float, str))}}
     print(f"[ovit] {json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in rec.items()})}", flush=True)
-    return rec
+    return {"runs": {_ovit_label(args): rec}}
+
+
+def _ovit_runs(o: dict) -> dict:
+    """Runs of the ``ovit`` part; a cache from before the Fisher-block path held one run."""
+    if "runs" in o:
+        return o["runs"]
+    rec = dict(o, fisher="gradients", groups=1, gradient_rounds=1)
+    return {f"m={o['num_grads']} x {o['batch']}, B={o['block_size']}, float64, fisher=gradients": rec}
+
+
+def _ovit_model_mb(rec: dict) -> float:
+    """Predicted peak: one group's Fisher information + 6 B/weight (order, losses) + 4 B/weight
+    (updated weights) + three chunks of F⁻¹ (the chunk and its temporaries)."""
+    fisher = rec.get("max_group_fisher_bytes", rec.get("grad_bytes", 0))
+    return (fisher + 10 * rec["prunable_weights"] + 3 * rec["chunk_bytes"]) / 2 ** 20
+
+
+def _ovit_extrapolation(rec: dict) -> dict:
+    """The paper's setting (B = 192, m = 4096, 224×224) from one measured run, component by component:
+    gradient passes ∝ m × (tokens at 224 / tokens here, attention included ≈ ×4.3 for 197 vs 50
+    tokens), accumulation ∝ m·B, removal sweep and replay ∝ B², memory from the formulas. Phase times
+    are wall-clock; they are scaled by the run's CPU/wall ratio to remove time spent waiting for other
+    jobs on the shared machine (one thread, so CPU time ≈ busy time)."""
+    d = rec["prunable_weights"]
+    m0, b0 = rec["num_grads"], rec["block_size"]
+    item = 4 if rec["dtype"] == "float32" else 8
+    tok_ratio = 4.3 if rec["img_size"] == 112 else 1.0
+    busy = min(1.0, rec["cpu_seconds"] / rec["total_seconds"]) if rec.get("cpu_seconds") else 1.0
+    pass_s = max(rec["grad_seconds"] - rec.get("accumulate_seconds", 0.0), 0.0) / max(rec["gradient_rounds"], 1) / m0
+    pass_s, acc_s, obs_s = (pass_s * busy, rec.get("accumulate_seconds", 0.0) * busy,
+                            (rec["sweep_seconds"] + rec["apply_seconds"]) * busy)
+    return {
+        "blocks_gb": d * 192 * item / 2 ** 30, "buffer_gb": 48 * d * 4 / 2 ** 30, "gradients_gb": 4096 * d * 4 / 2 ** 30,
+        "grad_pass_hours": pass_s * 4096 * tok_ratio / 3600,
+        "accumulate_hours": acc_s * (4096 / m0) * (192 / b0) / 3600,
+        "obs_hours": obs_s * (192 / b0) ** 2 / 3600,
+    }
+
+
+# ----------------------------------------------------------------------------------------- gradual
+
+
+def finetune(model, split, steps: int, *, lr: float, callback=None, batch_size: int = 64, seed: int = 1):
+    """``steps`` AdamW steps (cosine decay to 0); masks re-applied after every step. With a weight
+    pruning ``callback`` (plain-loop API: setup / step_begin / pre_optimizer_step / optimizer_step),
+    the callback prunes on its schedule; otherwise the model's attached masks are enforced."""
+    from hf_prune.data import make_loader
+    from hf_prune.weight_masks import get_weight_masks
+
+    torch.manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
+    if callback is not None:
+        callback.setup(model, total_steps=steps)
+    masks = get_weight_masks(model)
+    model.train()
+    step = 0
+    while step < steps:
+        for b in make_loader(split, batch_size=batch_size, shuffle=True, seed=seed + step):
+            if callback is not None:
+                callback.step_begin(step)
+            loss = nn.functional.cross_entropy(model(b["pixel_values"]), b["labels"])
+            opt.zero_grad()
+            loss.backward()
+            if callback is not None:
+                callback.pre_optimizer_step()
+            opt.step()
+            sched.step()
+            if callback is not None:
+                callback.optimizer_step()
+            elif masks is not None:
+                masks.enforce()
+            step += 1
+            if step == steps:
+                break
+    if callback is not None:
+        callback.finish()
+    model.eval()
+    return model
+
+
+def part_gradual(args) -> dict:
+    """One-shot vs gradual (cubic) pruning to ``--gradual-sparsity`` with the same fine-tuning budget."""
+    from hf_prune.data import load_digits
+    from hf_prune.methods.weight_allocation import weight_pruning_callback_base
+    from hf_prune.weight_masks import get_weight_masks
+
+    train_split, val = load_digits(source="mnist", image_size=28, channels=1, seed=0)
+    g = torch.Generator().manual_seed(1)
+    perm = torch.randperm(len(train_split), generator=g)
+    m, bs = args.gradual_num_grads, 16
+    ov_calib = [{"pixel_values": train_split.pixel_values[perm[i:i + bs]], "labels": train_split.labels[perm[i:i + bs]]}
+                for i in range(0, m * bs, bs)]
+    torch.manual_seed(0)
+    t0 = time.perf_counter()
+    dense = train(SmallCNN(), train_split, epochs=args.gradual_epochs, lr=3e-3)
+    train_s = time.perf_counter() - t0
+    dense_acc, _, _ = evaluate(dense, val)
+    print(f"[gradual] dense acc {dense_acc:.4f} ({train_s:.0f}s)", flush=True)
+    N, sp, lr = args.gradual_steps, args.gradual_sparsity, args.gradual_lr
+    ovit_opts = dict(block_size=args.block_size, num_grads=m, damping=args.damping, num_threads=1)
+    sched = dict(schedule="cubic", initial=args.gradual_initial, start=0, end=args.gradual_end,
+                 frequency=args.gradual_frequency)
+    Magnitude = weight_pruning_callback_base()
+    variants = {
+        "oViT one-shot + fine-tune": ("oneshot", "ovit"),
+        "oViT gradual (cubic) + fine-tune": ("gradual", "ovit"),
+        "global magnitude one-shot + fine-tune": ("oneshot", "magnitude"),
+        "global magnitude gradual (cubic) + fine-tune": ("gradual", "magnitude"),
+    }
+    rows = []
+    for label, (how, method) in variants.items():
+        model = copy.deepcopy(dense)
+        t0 = time.perf_counter()
+        after_prune = None
+        if how == "oneshot":
+            if method == "ovit":
+                prune_weights(model, method="ovit", sparsity=sp, calib=ov_calib, **ovit_opts)
+            else:
+                prune_weights(model, method="magnitude", sparsity=sp, allocation="global")
+            after_prune = evaluate(model, val)[0]
+            finetune(model, train_split, N, lr=lr)
+            events = 1
+        else:
+            if method == "ovit":
+                cb = ovit_mod.OViTCallback(sparsity=sp, calib=ov_calib, **sched,
+                                           **{k: v for k, v in ovit_opts.items() if k != "num_threads"})
+            else:
+                cb = Magnitude(sparsity=sp, allocation="global", **sched)
+            finetune(model, train_split, N, lr=lr, callback=cb)
+            events = len(cb.events)
+        sec = time.perf_counter() - t0
+        acc = evaluate(model, val)[0]
+        achieved = get_weight_masks(model).stats()["global_sparsity"]
+        rows.append({"method": label, "acc_after_prune": after_prune, "acc": acc, "sparsity": achieved,
+                     "pruning_events": events, "seconds": sec})
+        print(f"[gradual] {label}: acc {acc:.4f} (right after pruning: {after_prune}), sparsity {achieved:.3f}, "
+              f"{events} pruning steps, {sec:.0f}s", flush=True)
+    return {"dense_acc": dense_acc, "train_seconds": train_s, "rows": rows,
+            "settings": {"epochs": args.gradual_epochs, "steps": N, "sparsity": sp, "lr": lr, "num_grads": m,
+                         "batch": bs, "block_size": args.block_size, "damping": args.damping, **sched,
+                         "train_items": len(train_split), "val_items": len(val)}}
+
+
+# ----------------------------------------------------------------------------------------- 2:4 on GPU
+
+DEIT_S_LINEARS = (("qkv", 384, 1152), ("proj", 384, 384), ("fc1", 384, 1536), ("fc2", 1536, 384))
+
+
+def _cuda_ms(fn, iters: int, warmup: int = 10) -> float:
+    """Median milliseconds of ``fn()`` over ``iters`` CUDA-event-timed calls after ``warmup``."""
+    import statistics
+
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b))
+    return statistics.median(times)
+
+
+def part_semi24(args) -> dict:
+    """Dense vs 2:4 (``torch.sparse.to_sparse_semi_structured``) for DeiT-S's linear layers at batch
+    ``--semi-batch`` × 197 tokens, fp16 and bf16. Without a CUDA GPU nothing is measured."""
+    if not torch.cuda.is_available():
+        return {"measured": False, "reason": "no GPU (torch.cuda.is_available() is False on this machine)"}
+    major, minor = torch.cuda.get_device_capability()
+    device = torch.cuda.get_device_name(0)
+    if major < 8:
+        return {"measured": False, "reason": f"{device} has compute capability {major}.{minor}; 2:4 kernels need 8.0+"}
+    from torch.sparse import to_sparse_semi_structured
+
+    from hf_prune.weight_masks import select_nm
+
+    tokens, rows, iters = 197, [], 50
+    torch.manual_seed(0)
+    for dtype in (torch.float16, torch.bfloat16):
+        for name, fin, fout in DEIT_S_LINEARS:
+            w = torch.randn(fout, fin, device="cuda", dtype=dtype)
+            w = w * select_nm(w, 2, 4).to(w.dtype)
+            x = torch.randn(args.semi_batch * tokens, fin, device="cuda", dtype=dtype)
+            try:
+                ws = to_sparse_semi_structured(w)
+                sparse_out = nn.functional.linear(x, ws)
+            except Exception as exc:  # noqa: BLE001 - recorded, not hidden
+                rows.append({"layer": f"{name} ({fin} → {fout})", "dtype": str(dtype).split(".")[-1],
+                             "error": f"{type(exc).__name__}: {exc}"[:200]})
+                continue
+            dense_out = nn.functional.linear(x, w)
+            dense_ms = _cuda_ms(lambda: nn.functional.linear(x, w), iters)
+            sparse_ms = _cuda_ms(lambda: nn.functional.linear(x, ws), iters)
+            rows.append({"layer": f"{name} ({fin} → {fout})", "dtype": str(dtype).split(".")[-1],
+                         "dense_ms": dense_ms, "sparse_ms": sparse_ms,
+                         "max_abs_diff": float((dense_out.float() - sparse_out.float()).abs().max())})
+            print(f"[semi24] {rows[-1]}", flush=True)
+    ok = [r for r in rows if "error" not in r]
+    if not ok:
+        return {"measured": False, "reason": f"to_sparse_semi_structured failed on {device}: {rows[0]['error']}"}
+    return {"measured": True, "device": device, "batch": args.semi_batch, "tokens": tokens, "iters": iters,
+            "rows": ok, "errors": [r for r in rows if "error" in r]}
 
 
 # ----------------------------------------------------------------------------------------- report
@@ -351,9 +576,14 @@ def _fmt(x, nd=4):
 def compose(cache: dict) -> str:
     info = dict(cache.get("env", {}))
     cmds = []
-    for key in ("rd", "ovit", "digits"):
+    for key in ("rd", "ovit", "digits", "gradual", "semi24"):
         part = cache.get(key) or {}
-        envs = [rec.get("env") for rec in part.get("models", {}).values()] if key == "rd" else [part.get("env")]
+        if key == "rd":
+            envs = [rec.get("env") for rec in part.get("models", {}).values()]
+        elif key == "ovit" and part:
+            envs = [rec.get("env") for rec in _ovit_runs(part).values()]
+        else:
+            envs = [part.get("env")]
         for e in envs:
             if e and e["command"] not in cmds:
                 cmds.append(e["command"])
@@ -455,20 +685,87 @@ def compose(cache: dict) -> str:
                                "per-layer sparsity range"], rows))
     o = cache.get("ovit")
     if o:
-        parts.append("\n## oViT memory and time on DeiT-S (CPU, small m)\n\n")
-        parts.append(f"- command: `{o['env']['command']}` — {o['env']['date']}, load {o['env']['loadavg_start']}\n\n")
-        parts.append(md_table(["model", "m × batch", "block B", "prunable weights", "gradients MB", "grad s",
-                               "pass 1 (sweep) s", "pass 2 (apply) s", "total s", "peak RSS +MB", "sparsity"],
-                              [[f"`{o['model']}` (img {o['img_size']})", f"{o['num_grads']} × {o['batch']}",
-                                o["block_size"], f"{o['prunable_weights']:,}", mb(o["grad_bytes"]),
-                                f"{o['grad_seconds']:.0f}", f"{o['sweep_seconds']:.0f}", f"{o['apply_seconds']:.0f}",
-                                f"{o['total_seconds']:.0f}", f"{o['peak_rss_delta_mb']:.0f}",
-                                f"{o['achieved_sparsity']:.3f}"]]))
-        parts.append("\nMemory model: gradients m·d·4 B + removal order and losses 6 B per weight + one chunk of "
-                     f"F⁻¹ (≤ {o['chunk_bytes'] >> 20} MiB, with temporaries ~3×). The paper's B = 192, m = 4096 would "
-                     "need 4096·22M·4 B ≈ 360 GB of gradients kept this way: at that scale gradients must be "
-                     "accumulated into the per-block Fisher on the fly (d·B floats ≈ 16 GB fp32), which this "
-                     "implementation does not do.\n")
+        runs = _ovit_runs(o)
+        parts.append("\n## oViT memory and time on DeiT-S (CPU, one thread)\n\n")
+        parts.append("- DeiT-S built with `img_size=112` (random weights; Gaussian images, random labels), "
+                     "all 48 qkv/proj/fc1/fc2 layers, global threshold at 50%, damping 1e-8; peak RSS sampled "
+                     "every 5 ms, increase over the RSS before the call; phase times are wall-clock on the shared "
+                     "machine (see the load), the CPU column is the process's CPU time\n")
+        for label, rec in runs.items():
+            if "env" in rec:
+                parts.append(f"- {label}: `{rec['env']['command']}` — {rec['env']['date']}, load "
+                             f"{rec['env']['loadavg_start']}\n")
+        rows = []
+        for label, rec in runs.items():
+            rows.append([f"{rec['num_grads']} × {rec['batch']}", rec["block_size"], rec["dtype"], rec["fisher"],
+                         "—" if not rec.get("max_fisher_mb") else f"{rec['max_fisher_mb']:g}",
+                         f"{rec['groups']} / {rec['gradient_rounds']}",
+                         mb(rec.get("max_group_fisher_bytes", rec.get("grad_bytes", 0))),
+                         f"{rec['grad_seconds']:.0f}" + (f" ({rec['accumulate_seconds']:.0f})"
+                                                         if rec.get("accumulate_seconds") else ""),
+                         f"{rec['sweep_seconds']:.0f}", f"{rec['apply_seconds']:.0f}",
+                         f"{rec['total_seconds']:.0f}"
+                         + (f" / {rec['cpu_seconds']:.0f}" if "cpu_seconds" in rec else ""),
+                         f"{rec['peak_rss_delta_mb']:.0f}", f"{_ovit_model_mb(rec):.0f}",
+                         f"{rec['achieved_sparsity']:.3f}"])
+        parts.append("\n")
+        parts.append(md_table(["m × batch", "block B", "dtype", "Fisher held as", "max_fisher_mb",
+                               "groups / gradient rounds", "Fisher held at once MiB", "gradients s (of which "
+                               "accumulation)", "pass 1 (sweep) s", "pass 2 (replay) s", "total s wall / CPU",
+                               "peak RSS +MiB", "memory model MiB", "sparsity"], rows))
+        parts.append("\nMemory model (d = 21,233,664 prunable weights): Fisher information of one group — "
+                     "`gradients`: m·d·4 B; `blocks`: d·B·sizeof(dtype) + a (B/4)·d·4 B buffer of gradients for "
+                     "the rank-k updates — plus 6 B per weight (removal order and losses), one copy of the updated "
+                     "weights (4 B per weight) and one chunk of F⁻¹ (≤ 256 MiB, ×~3 with temporaries). With "
+                     "`max_fisher_mb` the groups hold at most that much; every group then needs two rounds of m "
+                     "gradient passes (pass 1 and pass 2) instead of one for all layers.\n")
+        best = max((r for r in runs.values() if r["fisher"] == "blocks" and r["groups"] == 1),
+                   key=lambda r: r["num_grads"] * r["block_size"], default=None)
+        if best:
+            e = _ovit_extrapolation(best)
+            parts.append(f"\n**Extrapolation to the paper's B = 192, m = 4096 at 224×224** (from the run with "
+                         f"m = {best['num_grads']}, B = {best['block_size']}, {best['dtype']}; not measured): "
+                         f"Fisher blocks {e['blocks_gb']:.1f} GiB in {best['dtype']} + {e['buffer_gb']:.1f} GiB "
+                         f"accumulation buffer (vs {e['gradients_gb']:.0f} GiB for the gradient matrix), or any "
+                         f"smaller `max_fisher_mb` at two gradient rounds per group. Time on one core of this "
+                         f"CPU: gradient passes ≈ {e['grad_pass_hours']:.1f} h per round (m × per-pass time × "
+                         f"~4.3 for 197 vs 50 tokens), accumulation ≈ {e['accumulate_hours']:.1f} h (∝ m·B), "
+                         f"OBS sweep + replay ≈ {e['obs_hours']:.1f} h (∝ B²) — a GPU job, as in the paper.\n")
+    gr = cache.get("gradual")
+    if gr:
+        s_ = gr["settings"]
+        parts.append("\n## Gradual vs one-shot with the same fine-tuning budget (real digits)\n\n")
+        parts.append(f"- command: `{gr['env']['command']}` — {gr['env']['date']}, load {gr['env']['loadavg_start']}\n"
+                     f"- Small CNN as above, trained {s_['epochs']} epochs (dense accuracy {gr['dense_acc']:.4f} on "
+                     f"the {s_['val_items']} held-out MNIST digits); every variant then gets the same {s_['steps']} "
+                     f"AdamW steps (batch 64, lr {s_['lr']:g}, cosine to 0) to reach {s_['sparsity']:.0%} of the "
+                     f"prunable weights, masks re-applied after every step\n"
+                     f"- one-shot: prune at step 0, then fine-tune all {s_['steps']} steps; gradual: cubic schedule "
+                     f"from {s_['initial']:.0%} at step 0 to {s_['sparsity']:.0%} at {s_['end']:.0%} of the steps, "
+                     f"pruning every {s_['frequency']} steps (the plain-loop callback API: `OViTCallback` / the "
+                     f"magnitude `WeightPruningCallback`), then recovery fine-tuning at fixed sparsity\n"
+                     f"- oViT: m = {s_['num_grads']} mini-batch gradients of {s_['batch']} training images (the same "
+                     f"fixed batches at every pruning step), B = {s_['block_size']}, damping {s_['damping']:g}\n\n")
+        parts.append(md_table(["method", "acc right after pruning", "acc after fine-tuning", "sparsity",
+                               "pruning steps", "s"],
+                              [[r["method"], "—" if r["acc_after_prune"] is None else f"{r['acc_after_prune']:.4f}",
+                                f"{r['acc']:.4f}", f"{r['sparsity']:.3f}", r["pruning_events"], f"{r['seconds']:.0f}"]
+                               for r in gr["rows"]]))
+    sm = cache.get("semi24")
+    if sm:
+        parts.append("\n## 2:4 semi-structured sparsity on GPU (DeiT-S linear layers)\n\n")
+        parts.append(f"- command: `{sm['env']['command']}` — {sm['env']['date']}\n")
+        if not sm.get("measured"):
+            parts.append(f"- not measured: {sm['reason']}. Run `benchmarks/weight_pruning.py --parts semi24` on a "
+                         "machine with a CUDA GPU (Ampere or newer) to fill this section.\n")
+        else:
+            parts.append(f"- {sm['device']}, batch {sm['batch']} × {sm['tokens']} tokens, median of {sm['iters']} "
+                         "timed iterations after warm-up, dense `F.linear` vs `to_sparse_semi_structured` weights "
+                         "(2:4 magnitude mask) in the same process\n\n")
+            parts.append(md_table(["layer (in → out)", "dtype", "dense ms", "2:4 ms", "speed-up", "max abs diff"],
+                                  [[r["layer"], r["dtype"], f"{r['dense_ms']:.3f}", f"{r['sparse_ms']:.3f}",
+                                    f"{r['dense_ms'] / r['sparse_ms']:.2f}×", f"{r['max_abs_diff']:.2e}"]
+                                   for r in sm["rows"]]))
     if cache.get("summary"):
         parts.append("\n## Summary\n\n" + cache["summary"] + "\n")
     return "".join(parts)
@@ -495,9 +792,21 @@ def main(argv=None):
     p.add_argument("--rd-grid", type=int, default=11)
     p.add_argument("--rd-models", nargs="+", default=["resnet50", "deit_small_patch16_224"],
                    help="run each in its own process for clean peak-RSS numbers")
-    p.add_argument("--large-num-grads", type=int, default=8)
-    p.add_argument("--ovit-batch", type=int, default=8)
-    p.add_argument("--large-block-size", type=int, default=32)
+    p.add_argument("--large-num-grads", type=int, default=256)
+    p.add_argument("--ovit-batch", type=int, default=2, help="images per mini-batch gradient (ovit part)")
+    p.add_argument("--large-block-size", type=int, default=64)
+    p.add_argument("--ovit-dtype", default="float32", choices=["float32", "float64"])
+    p.add_argument("--fisher", default="auto", choices=["auto", "gradients", "blocks"])
+    p.add_argument("--max-fisher-mb", type=float, default=None)
+    p.add_argument("--gradual-steps", type=int, default=250, help="fine-tuning steps for every gradual-part variant")
+    p.add_argument("--gradual-sparsity", type=float, default=0.9)
+    p.add_argument("--gradual-epochs", type=int, default=4, help="dense training epochs (gradual part)")
+    p.add_argument("--gradual-lr", type=float, default=1e-3)
+    p.add_argument("--gradual-num-grads", type=int, default=64)
+    p.add_argument("--gradual-initial", type=float, default=0.4, help="the paper's cubic schedule starts at 40%%")
+    p.add_argument("--gradual-end", type=float, default=0.6, help="fraction of the steps where the target is reached")
+    p.add_argument("--gradual-frequency", type=int, default=25)
+    p.add_argument("--semi-batch", type=int, default=256)
     p.add_argument("--no-write", action="store_true")
     p.add_argument("--summary", default=None, help="markdown file whose text becomes the Summary section")
     args = p.parse_args(argv)
@@ -511,8 +820,16 @@ def main(argv=None):
         cache["summary"] = Path(args.summary).read_text().strip()
         cache_path.write_text(json.dumps(cache, indent=1, default=str))
     for part in args.parts:
-        res = {"digits": part_digits, "rd": part_rd, "ovit": part_ovit}[part](args)
+        res = {"digits": part_digits, "rd": part_rd, "ovit": part_ovit, "gradual": part_gradual,
+               "semi24": part_semi24}[part](args)
         res["env"] = env
+        if cache_path.is_file():  # another process may have cached a part while this one ran
+            cache = {**json.loads(cache_path.read_text()), "env": env}
+        if part == "ovit":
+            for rec in res["runs"].values():
+                rec["env"] = env
+            if "ovit" in cache:  # keep configurations measured in an earlier run
+                res["runs"] = {**_ovit_runs(cache["ovit"]), **res["runs"]}
         if part in ("digits", "rd") and part in cache:  # keep models measured in an earlier run
             for name, rec in res["models"].items():
                 rec["env"] = env

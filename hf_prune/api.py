@@ -22,15 +22,21 @@ PRUNE_RECORD = "hf_prune_record"  # model attribute: method, settings and before
 MAX_REPAIRS = 6
 
 
-def _prune_weights(model, method, sparsity, calib, example_inputs):
+def _prune_weights(model, method, sparsity, calib, example_inputs, ignored_layers, loss_fn, options):
     from .methods.weight_allocation import prune_weights
 
-    if sparsity is None:
+    if sparsity is None and options.get("nm") is None:
         raise PruningError(f"method={method!r} removes individual weights: give sparsity= (fraction of the "
-                           "prunable weights to zero), not target_macs")
-    stats = prune_weights(model, method=method, sparsity=sparsity, calib=calib, example_inputs=example_inputs)
+                           "prunable weights to zero) or nm=(2, 4), not target_macs")
+    if loss_fn is not None:
+        if method != "ovit":
+            raise PruningError(f"loss_fn is used by method='ovit' (its gradients), not by method={method!r}")
+        options = dict(options, loss_fn=loss_fn)
+    exclude = tuple(options.pop("exclude", ())) + tuple(ignored_layers)
+    stats = prune_weights(model, method=method, sparsity=sparsity, calib=calib, example_inputs=example_inputs,
+                          exclude=exclude, **options)
     model.__dict__[PRUNE_RECORD] = {
-        "method": method, "settings": {"sparsity": sparsity},
+        "method": method, "settings": stats["settings"],
         "stats": {k: v for k, v in stats.items() if isinstance(v, (int, float)) and not isinstance(v, bool)},
     }
     return model
@@ -108,7 +114,8 @@ def _same_role(model: nn.Module, culprit: str) -> list[str]:
 
 def prune(model: nn.Module, method: str = "depgraph", *, example_inputs=None, sparsity=None,
           target_macs=None, importance="l2", mode="global", round_to=8, ignored_layers=(),
-          prune_stem=False, compact=True, calib=None, loss_fn=None, blocks=None, num_blocks=None):
+          prune_stem=False, compact=True, calib=None, loss_fn=None, blocks=None, num_blocks=None,
+          **method_options):
     """Prune ``model`` in place and return it.
 
     method: ``"depgraph"`` (structured: channels, heads, groups), ``"updp"`` (depth: whole blocks
@@ -119,11 +126,18 @@ def prune(model: nn.Module, method: str = "depgraph", *, example_inputs=None, sp
     importance: ``"l2"`` | ``"l1"`` | ``"taylor"``. mode: ``"global"`` | ``"local"``. round_to:
     channel multiple kept per group (None to disable). ``compact=False`` leaves masks (fixed
     shapes, for training); :func:`compact` removes them later.
+    ``method_options`` go to the weight-pruning methods (:func:`hf_prune.methods.weight_allocation.
+    prune_weights`): ``allocation``, ``nm``, ``layers``, ``exclude`` and, for oViT, ``block_size``,
+    ``num_grads``, ``damping``, ``fisher``, ``max_fisher_mb``, ``dtype``, ...; for RD ``grid``,
+    ``reduction``, ``max_batches``, ``max_sparsity``, ... (``ignored_layers`` are excluded too).
     """
     if method == "updp":
         return _prune_depth(model, example_inputs, blocks, num_blocks, target_macs)
     if method in WEIGHT_METHODS:
-        return _prune_weights(model, method, sparsity, calib, example_inputs)
+        return _prune_weights(model, method, sparsity, calib, example_inputs, ignored_layers, loss_fn,
+                              method_options)
+    if method_options:
+        raise TypeError(f"unexpected options {sorted(method_options)} for method={method!r}")
     if method not in STRUCTURED_METHODS:
         raise PruningError(f"unknown method {method!r}; available: "
                            f"{', '.join(STRUCTURED_METHODS + ('updp',) + WEIGHT_METHODS)}")

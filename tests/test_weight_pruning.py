@@ -249,6 +249,87 @@ def test_ovit_prune_global_threshold_and_nm(calib):
     assert all(is_nm(wm2.weight(n), 2, 4) and is_nm(wm2[n], 2, 4) for n in wm2.layers)
 
 
+def _sherman_morrison_inverse(G: torch.Tensor, damping: float) -> torch.Tensor:
+    """The paper code's recursion: F⁻¹ from I/λ by m rank-1 updates with g/√m."""
+    m, B = G.shape
+    Finv = torch.eye(B, dtype=torch.float64) / damping
+    for g in G.double():
+        u = Finv @ g
+        Finv = Finv - torch.outer(u, u) / (m + g @ u)
+    return Finv
+
+
+@pytest.mark.parametrize("rows", [1, 3, 7])
+def test_block_fisher_inverse_equals_sherman_morrison(rows):
+    g = torch.Generator().manual_seed(0)
+    m, d, B, lam = 7, 20, 8, 1e-2  # last block shorter (4)
+    G = torch.randn(m, d, generator=g) @ torch.randn(d, d, generator=g) * 0.3
+    bf = ovit.BlockFisher(d, B, torch.float64)
+    for i in range(0, m, rows):  # rank-k updates of any k give the same sum
+        bf.add(G[i:i + rows])
+    assert bf.count == m
+    for si, (start, bs, nb) in enumerate(bf.segments):
+        inv = bf.inverse(si, 0, nb, lam)
+        for b in range(nb):
+            lo = start + b * bs
+            ref = _sherman_morrison_inverse(G[:, lo:lo + bs], lam)
+            torch.testing.assert_close(inv[b], ref, rtol=1e-9, atol=1e-9 * float(ref.abs().max()))
+    # float32 blocks: the same matrix to single precision
+    bf32 = ovit.BlockFisher(d, B, torch.float32)
+    bf32.add(G)
+    ref = _sherman_morrison_inverse(G[:, :B], lam)
+    torch.testing.assert_close(bf32.inverse(0, 0, 1, lam)[0].double(), ref, rtol=1e-3,
+                               atol=1e-3 * float(ref.abs().max()))
+
+
+def _ovit_result(calib, **opts):
+    m = small_cnn()
+    info = {}
+    stats = ovit.ovit_prune(m, 0.7, calib, block_size=16, damping=1e-6, info=info, **opts)
+    wm = get_weight_masks(m)
+    return {n: wm[n].clone() for n in wm.layers}, {n: wm.weight(n).detach().clone() for n in wm.layers}, info, stats
+
+
+def test_fisher_blocks_path_matches_gradient_path(calib):
+    m = small_cnn()
+    grads = ovit.collect_gradients(m, calib, list(prunable_layers(m)), 6)
+    masks_g, w_g, info_g, _ = _ovit_result(calib, grads=grads, fisher="gradients")
+    masks_b, w_b, info_b, _ = _ovit_result(calib, grads=grads, fisher="blocks")
+    assert info_g["fisher"] == "gradients" and info_b["fisher"] == "blocks"
+    assert all(torch.equal(masks_g[n], masks_b[n]) for n in masks_g)
+    assert all(torch.allclose(w_g[n], w_b[n], atol=1e-6) for n in w_g)
+    assert ovit.choose_fisher("auto", 256, 64, torch.float64, torch.float32) == "blocks"  # m > 2B
+    assert ovit.choose_fisher("auto", 64, 64, torch.float64, torch.float32) == "gradients"
+    with pytest.raises(ValueError, match="fisher="):
+        ovit.choose_fisher("dense", 8, 8, torch.float64, torch.float32)
+
+
+@pytest.mark.parametrize("allocation", [None, "uniform"])
+def test_memory_bounded_fisher_gives_the_same_masks(calib, allocation):
+    """A budget that forces one group per layer repeats the gradient passes (twice per group with the
+    global threshold, once with a fixed allocation) and gives the unbounded result."""
+    opts = dict(num_grads=8, fisher="blocks", allocation=allocation)  # 8 > 4 batches: calib is re-iterated
+    masks_a, w_a, info_a, stats_a = _ovit_result(calib, **opts)
+    masks_b, w_b, info_b, stats_b = _ovit_result(calib, max_fisher_mb=0.35, **opts)
+    assert info_a["groups"] == 1 and info_a["gradient_rounds"] == 1
+    assert info_b["groups"] == 3
+    assert info_b["gradient_rounds"] == (6 if allocation is None else 3)
+    assert info_b["max_group_fisher_bytes"] <= 0.35 * 2 ** 20 < info_a["max_group_fisher_bytes"]
+    assert all(torch.equal(masks_a[n], masks_b[n]) for n in masks_a)
+    assert all(torch.allclose(w_a[n], w_b[n], atol=1e-6) for n in w_a)
+    assert stats_a["num_pruned"] == stats_b["num_pruned"] == round(0.7 * stats_a["num_weights"])
+
+
+def test_memory_bound_errors(calib):
+    m = small_cnn()
+    with pytest.raises(PruningError, match=r"max_fisher_mb=0.01 .* layer '2' .* at least 0.2"):
+        ovit.ovit_prune(m, 0.5, calib, block_size=16, num_grads=8, fisher="blocks", max_fisher_mb=0.01)
+    assert get_weight_masks(m) is None  # transactional
+    gen = (b for b in calib)  # cannot be re-iterated for the second group
+    with pytest.raises(PruningError, match="re-iterable"):
+        ovit.ovit_prune(m, 0.5, gen, block_size=16, num_grads=4, fisher="blocks", max_fisher_mb=0.35)
+
+
 def test_nm_magnitude_pattern():
     w = torch.randn(8, 16)
     keep = select_nm(w, 2, 4)
@@ -381,3 +462,52 @@ def test_prune_entry_point_dispatches_weight_methods():
     zeros = sum(int((w == 0).sum()) for w in convs) / sum(w.numel() for w in convs)
     assert 0.45 <= zeros <= 0.55
     assert model.__dict__["hf_prune_record"]["method"] == "magnitude"
+
+
+def test_ovit_callback_in_trainer(tmp_path):
+    """OViTCallback inside transformers.Trainer with training gradients (captured before the
+    optimizer step): cubic schedule reached, masks enforced, spec recorded on the config."""
+    from transformers import Trainer, TrainingArguments, ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(0)
+    cfg = ViTConfig(image_size=16, patch_size=8, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                    intermediate_size=64, num_labels=10)
+    model = ViTForImageClassification(cfg)
+    g = torch.Generator().manual_seed(0)
+    data = [{"pixel_values": torch.randn(3, 16, 16, generator=g), "labels": int(i % 10)} for i in range(48)]
+    cb = ovit.OViTCallback(sparsity=0.6, schedule="cubic", start=2, end=5, frequency=1, block_size=16, num_grads=2)
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=6, per_device_train_batch_size=8, save_strategy="no",
+                             logging_steps=3, report_to=[], use_cpu=True, learning_rate=1e-2,
+                             dataloader_num_workers=0)
+    trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[cb])
+    trainer.train()
+    wm = get_weight_masks(model)
+    assert wm.stats()["global_sparsity"] == pytest.approx(0.6, abs=1e-3)
+    assert all(bool((wm.weight(n)[~wm[n]] == 0).all()) for n in wm.layers)
+    amounts = [e["amount"] for e in cb.events]
+    assert len(amounts) >= 2 and amounts == sorted(amounts)  # gradual, not one-shot
+    spec = model.config.hf_prune
+    assert spec["method"]["name"] == "ovit" and spec["sparsity"]["layers"]
+
+
+def _example(name):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "examples" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"example_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_example_rd_oneshot(tmp_path):
+    out = _example("rd_oneshot").main(["--steps", "10", "--calib-images", "32", "--output-dir", str(tmp_path)])
+    assert out["sparsity"] == pytest.approx(0.7, abs=1e-3)  # the example itself checks the reload is exact
+    assert out["spec_sparsity"]["layers"] and out["spec_sparsity"]["global_nonzero"] < 0.6
+
+
+def test_example_ovit_callback(tmp_path):
+    acc, sparsity = _example("ovit_callback").main(["--max-steps", "12", "--num-grads", "2", "--sparsity", "0.6",
+                                                    "--output-dir", str(tmp_path)])
+    assert sparsity == pytest.approx(0.6, abs=1e-3) and 0.0 <= acc <= 1.0
