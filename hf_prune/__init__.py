@@ -24,6 +24,8 @@ _EXPORTS = {
     "UPDPSupernetCallback": "hf_prune.methods.updp_callback",
     "DepthSupernet": "hf_prune.methods.updp_search",
     "staged_finetune": "hf_prune.training",
+    "StageWiseTrainer": "hf_prune.methods.stagewise_trainer",
+    "StageWiseCallback": "hf_prune.methods.stagewise_trainer",
     "RDCallback": "hf_prune.methods.rd",
     "OViTCallback": "hf_prune.methods.ovit",
 }

@@ -119,7 +119,9 @@ def prune(model: nn.Module, method: str = "depgraph", *, example_inputs=None, sp
     """Prune ``model`` in place and return it.
 
     method: ``"depgraph"`` (structured: channels, heads, groups), ``"updp"`` (depth: whole blocks
-    merged into fewer linear layers; give ``blocks=[...]``, ``num_blocks=k`` or ``target_macs``), or
+    merged into fewer linear layers; give ``blocks=[...]``, ``num_blocks=k`` or ``target_macs``),
+    ``"stagewise"`` (one-shot width search under ``target_macs`` scored on labelled ``calib``
+    batches; the paper's method trains a supernet first: :class:`hf_prune.StageWiseTrainer`), or
     ``"rd"`` / ``"ovit"`` / ``"magnitude"`` (individual weights; give ``sparsity`` and ``calib``).
     Targets: ``sparsity`` (fraction of prunable parameters to remove) or ``target_macs`` (fraction
     of dense MACs to keep).
@@ -131,16 +133,21 @@ def prune(model: nn.Module, method: str = "depgraph", *, example_inputs=None, sp
     ``num_grads``, ``damping``, ``fisher``, ``max_fisher_mb``, ``dtype``, ...; for RD ``grid``,
     ``reduction``, ``max_batches``, ``max_sparsity``, ... (``ignored_layers`` are excluded too).
     """
+    if method_options and method not in WEIGHT_METHODS:
+        raise TypeError(f"unexpected options {sorted(method_options)} for method={method!r}")
     if method == "updp":
         return _prune_depth(model, example_inputs, blocks, num_blocks, target_macs)
+    if method == "stagewise":
+        from .methods.stagewise import prune_stagewise
+
+        return prune_stagewise(model, example_inputs, target_macs, sparsity=sparsity, calib=calib, round_to=round_to,
+                               ignored_layers=ignored_layers, prune_stem=prune_stem, compact=compact)
     if method in WEIGHT_METHODS:
         return _prune_weights(model, method, sparsity, calib, example_inputs, ignored_layers, loss_fn,
                               method_options)
-    if method_options:
-        raise TypeError(f"unexpected options {sorted(method_options)} for method={method!r}")
     if method not in STRUCTURED_METHODS:
         raise PruningError(f"unknown method {method!r}; available: "
-                           f"{', '.join(STRUCTURED_METHODS + ('updp',) + WEIGHT_METHODS)}")
+                           f"{', '.join(STRUCTURED_METHODS + ('updp', 'stagewise') + WEIGHT_METHODS)}")
     if importance == "taylor":
         _taylor_gradients(model, calib, loss_fn)
     options = dict(ignored_layers=ignored_layers, prune_stem=prune_stem)

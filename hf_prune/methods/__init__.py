@@ -1,8 +1,12 @@
-"""Pruning methods (one module per paper). Imported lazily: ``from hf_prune.methods import prune_depth``.
+"""Pruning methods, one module per paper (imported lazily: ``from hf_prune.methods import prune_depth``).
 
-* UPDP (depth pruning with exact block merging): :mod:`hf_prune.methods.updp` (one-shot
-  ``prune_depth``, ``UPDPAnnealer`` for any loop), :mod:`hf_prune.methods.updp_callback`
-  (``UPDPCallback`` for ``transformers.Trainer``).
+* UPDP (depth pruning with exact block merging): :mod:`.updp` (one-shot ``prune_depth``,
+  ``UPDPAnnealer``), :mod:`.updp_search` (depth supernet and subnet search), :mod:`.updp_callback`
+  (``UPDPCallback``, ``UPDPSupernetCallback``).
+* SP (stage-wise width supernet and search): :mod:`.stagewise`, :mod:`.stagewise_trainer`
+  (``StageWiseTrainer``, ``StageWiseCallback``).
+* Weight pruning: :mod:`.weight_allocation` (layer allocation x within-layer selection),
+  :mod:`.rd` (RD curves and dynamic program, ``RDCallback``), :mod:`.ovit` (OBS, ``OViTCallback``).
 """
 from __future__ import annotations
 
@@ -14,6 +18,11 @@ _EXPORTS = {
     "find_blocks": "hf_prune.methods.updp",
     "UPDPAnnealer": "hf_prune.methods.updp",
     "UPDPCallback": "hf_prune.methods.updp_callback",
+    "UPDPSupernetCallback": "hf_prune.methods.updp_callback",
+    "DepthSupernet": "hf_prune.methods.updp_search",
+    "prune_stagewise": "hf_prune.methods.stagewise",
+    "StageWiseTrainer": "hf_prune.methods.stagewise_trainer",
+    "StageWiseCallback": "hf_prune.methods.stagewise_trainer",
 }
 
 __all__ = sorted(_EXPORTS)
