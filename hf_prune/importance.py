@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .utils import single_threaded_fn
+from .utils import caller_threads, single_threaded_fn
 
 IMPORTANCES = ("l1", "l2", "taylor")
 
@@ -39,11 +39,18 @@ def unit_scores(graph, kind: str = "l2") -> torch.Tensor:
     for m in graph.members:
         if m.tensor not in graph.param_names:
             continue  # running statistics say nothing about importance
-        if m.tensor not in cache:
-            cache[m.tensor] = _elementwise_score(tensors[m.tensor], kind)
-        s = cache[m.tensor]
-        dims = [d for d in range(s.dim()) if d != m.dim]
-        per_index = s.sum(dim=dims) if dims else s
+        t = tensors[m.tensor]
+        dims = [d for d in range(t.dim()) if d != m.dim]
+        with caller_threads():  # whole weights: the one heavy step here
+            if kind == "taylor":
+                if m.tensor not in cache:
+                    cache[m.tensor] = _elementwise_score(t, kind)
+                per_index = cache[m.tensor].sum(dim=dims) if dims else cache[m.tensor]
+            elif not dims:
+                per_index = _elementwise_score(t, kind)
+            else:  # a fused norm reads the weight once and allocates nothing of its size
+                per_index = torch.linalg.vector_norm(t.detach().float(), ord=1 if kind == "l1" else 2, dim=dims)
+                per_index = per_index if kind == "l1" else per_index.square()
         scores.index_add_(0, m.units, per_index.double().cpu())
     return scores
 

@@ -16,7 +16,7 @@ from torch import nn
 from .adapters import sync_config
 from .adapters.mha import adapt_attention
 from .errors import CompactionError
-from .utils import single_threaded_fn
+from .utils import caller_threads, single_threaded_fn
 from .graph.tracer import HEAD_COUNT_ATTRS
 
 HEAD_WIDTH_ATTRS = ("all_head_size", "attn_dim", "inner_dim", "all_head_dim")
@@ -61,7 +61,8 @@ def sliced_tensors(graph, keep: torch.Tensor) -> dict:
         if idx.numel() == m.units.numel():
             continue
         t = new.get(m.tensor, tensors[m.tensor].detach())
-        new[m.tensor] = t.index_select(m.dim, idx)
+        with caller_threads():  # copies whole weights
+            new[m.tensor] = t.index_select(m.dim, idx)
     return new
 
 

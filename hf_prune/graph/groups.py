@@ -226,12 +226,12 @@ class DependencyGraph:
     @single_threaded_fn
     def macs(self, keep: torch.Tensor | None = None) -> int:
         total = 0.0
+        kept = None if keep is None else keep.double()  # converted once: this runs in every bisection step
         for scale, scalars, operands, eq, dense in self._mac_plan:
-            if keep is None:
+            if kept is None:
                 total += scale * dense
-            elif not scalars.numel() or bool(keep[scalars].all()):
-                total += scale * (float(torch.einsum(eq, *[keep[o].double() for o in operands]))
-                                  if operands else 1.0)
+            elif not scalars.numel() or bool(kept[scalars].all()):
+                total += scale * (float(torch.einsum(eq, *[kept[o] for o in operands])) if operands else 1.0)
         return int(round(total))
 
     def params(self, keep: torch.Tensor | None = None, *, only_prunable=False) -> int:
