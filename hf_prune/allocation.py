@@ -97,6 +97,17 @@ def allocate(graph, scores, norm_scores, *, sparsity=None, target_macs=None, mod
         raise ValueError(f"{what} cannot be reached: removing every prunable unit (keeping round_to="
                          f"{round_to} channels and one head per group) still keeps {smallest:.1%} of MACs. "
                          "Ask for less, set prune_stem=True, or lower round_to.")
+    if mode == "global":
+        # Counts only change at the scores themselves, so search those: exact, in log2(units) steps.
+        cuts = torch.cat([torch.unique(ranking.norm), torch.tensor([hi], dtype=ranking.norm.dtype)])
+        first, last = 0, cuts.numel() - 1  # cuts[last] reaches the target
+        while first < last:
+            mid = (first + last) // 2
+            if reached(counts_at(float(cuts[mid]))):
+                last = mid
+            else:
+                first = mid + 1
+        return ranking.removed(counts_at(float(cuts[last])))
     for _ in range(40):
         mid = (lo + hi) / 2
         if reached(counts_at(mid)):

@@ -85,6 +85,7 @@ class DependencyGraph:
     def _resolve_elementwise(self) -> None:
         """Decide along which dim element-labelled tensors (position embeddings, ...) are cut."""
         uf, used = self.trace.uf, self._used()
+        self._used_labels = used
         self._elem_cut: dict[str, int | None] = {}
         for name, lab in self.trace.params.items():
             if lab.elem is None or (lab.dims and lab.elem is lab.dims[0]):
@@ -104,7 +105,8 @@ class DependencyGraph:
                 uf.union(dim_plane, lab.elem)
 
     def _members(self) -> list:
-        uf, used = self.trace.uf, self._used()
+        # _resolve_elementwise only unites labels that were both used already: the same mask holds.
+        uf, used = self.trace.uf, self._used_labels
         members = []
         for name, lab in self.trace.params.items():
             cut = self._elem_cut.get(name)
@@ -122,13 +124,9 @@ class DependencyGraph:
         pinned[0] = True
         for labels in self.trace.pins.labels:
             pinned[uf.find(labels)] = True
-        touches: dict[int, set] = {}
-        for i, m in enumerate(self.members):
-            for r in torch.unique(m.units).tolist():
-                touches.setdefault(r, set()).add(i)
-        for r, ms in touches.items():
-            if len(ms) < 2:  # removing it would change one tensor and nothing that feeds or reads it
-                pinned[r] = True
+        self._signatures = self._member_signatures()
+        roots, counts = self._signatures[0], self._signatures[2]
+        pinned[roots[counts < 2]] = True  # removing it would change one tensor and nothing that feeds or reads it
         self._pin_unsafe_heads(pinned)
         if not prune_heads:
             for rec in self.trace.lanes:
@@ -143,7 +141,6 @@ class DependencyGraph:
             owner = m.tensor.rpartition(".")[0]
             if (m.dim == 0 and inside(owner, [n for n in ignored if n])) or inside(owner, frozen_modules):
                 pinned[m.units] = True
-        self._touches = touches
         return pinned
 
     def _pin_unsafe_heads(self, pinned: torch.Tensor) -> None:
@@ -170,15 +167,39 @@ class DependencyGraph:
         raise PruningError(f"ignored_layers: {type(layer).__name__} is not a submodule of the model; "
                            "pass modules of the model being pruned (or their names)")
 
+    def _member_signatures(self):
+        """Per root that some member touches: the sorted member indices touching it, as
+        (roots, flat member indices, count per root, two 64-bit hashes of the member set per root)."""
+        pairs = [torch.stack([torch.unique(m.units), torch.full_like(torch.unique(m.units), i)])
+                 for i, m in enumerate(self.members)]
+        if not pairs:
+            empty = torch.zeros(0, dtype=torch.int64)
+            return empty, empty, empty, torch.zeros(0, 2, dtype=torch.int64)
+        r, mi = torch.cat(pairs, dim=1)
+        order = torch.argsort(r * len(self.members) + mi)
+        r, mi = r[order], mi[order]
+        roots, inverse, counts = torch.unique_consecutive(r, return_inverse=True, return_counts=True)
+        # Sums of fixed random 62-bit codes identify a member set (collisions have probability ~2^-100).
+        codes = torch.randint(1, 1 << 62, (len(self.members), 2), generator=torch.Generator().manual_seed(0))
+        hashes = torch.zeros(roots.numel(), 2, dtype=torch.int64).index_add_(0, inverse, codes[mi])
+        return roots, mi, counts, hashes
+
     def _groups(self) -> list:
         lane_roots = {}
         for rec in self.trace.lanes:
             for r in torch.unique(self.trace.uf.find(rec.lanes)).tolist():
                 lane_roots.setdefault(r, set()).add(rec.module)
+        roots, members, counts, hashes = self._signatures
+        starts = torch.cumsum(counts, 0) - counts
+        free = torch.nonzero(~self.pinned[roots]).reshape(-1)
         by_signature: dict[tuple, list] = {}
-        for r, ms in self._touches.items():
-            if not self.pinned[r]:
-                by_signature.setdefault(tuple(sorted(ms)), []).append(r)
+        if free.numel():
+            _, which = torch.unique(hashes[free], dim=0, return_inverse=True)
+            for g in torch.unique(which).tolist():
+                picked = free[which == g]
+                first = int(picked[0])
+                sig = tuple(members[starts[first]: starts[first] + counts[first]].tolist())
+                by_signature[sig] = roots[picked].tolist()
         groups = []
         for sig, roots in sorted(by_signature.items(), key=lambda kv: min(kv[1])):
             units = torch.tensor(sorted(roots))
