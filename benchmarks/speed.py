@@ -6,6 +6,7 @@ ViT-Base (``ViTForImageClassification(ViTConfig())``, ViT-B/16 224). Variants pe
 * ``dense``
 * ``hf_prune`` — ``prune(model, example_inputs=x, target_macs=0.5)`` (defaults: l2, global, round_to=8)
 * ``hf_prune_stem`` — the same with ``prune_stem=True`` (also prunes the stem / embedding width)
+* ``hf_prune_r16`` — the same as ``hf_prune`` with ``round_to=16`` (widths that fill AVX-512 fp32 vectors)
 * ``torch_pruning`` — Torch-Pruning's default output (``MetaPruner`` + ``GroupMagnitudeImportance(p=2)``,
   uniform ``pruning_ratio=0.3`` ≈ 50% MACs, classifier ignored, ``num_heads`` mapping for ViTs as in
   Torch-Pruning's own ViT examples, ``round_to=None``), when torch_pruning is importable
@@ -45,8 +46,8 @@ from benchmarks.common import (count_params, engine_macs, env_info, first_line, 
 
 MODELS = ["convnext_tiny", "resnet50", "deit_small_patch16_224", "hf:vit-base"]
 CNNS = {"convnext_tiny", "resnet50"}
-ALL_VARIANTS = ["dense", "hf_prune", "hf_prune_stem", "torch_pruning", "torch_pruning_r8"]
-DEFAULT_VARIANTS = ["dense", "hf_prune", "hf_prune_stem", "torch_pruning"]
+ALL_VARIANTS = ["dense", "hf_prune", "hf_prune_stem", "hf_prune_r16", "torch_pruning", "torch_pruning_r8"]
+DEFAULT_VARIANTS = ["dense", "hf_prune", "hf_prune_stem", "hf_prune_r16", "torch_pruning"]
 
 
 def build(name: str):
@@ -96,6 +97,8 @@ def make_variant(kind: str, dense: nn.Module, x, target_macs: float, tp_ratio: f
         prune(model, example_inputs=x, target_macs=target_macs)
     elif kind == "hf_prune_stem":
         prune(model, example_inputs=x, target_macs=target_macs, prune_stem=True)
+    elif kind == "hf_prune_r16":
+        prune(model, example_inputs=x, target_macs=target_macs, round_to=16)
     elif kind == "torch_pruning":
         tp_prune(model, x, pruning_ratio=tp_ratio, round_to=None)
     elif kind == "torch_pruning_r8":
@@ -181,7 +184,7 @@ def render(rows: list[dict], info: dict, args) -> str:
         "models: random weights (timm `pretrained=False`; transformers `ViTForImageClassification(ViTConfig())` "
         "= ViT-B/16 224, 2 labels) with small noise on every parameter/BN statistic; 224×224 inputs",
         f"hf_prune: `prune(model, example_inputs=x, target_macs={args.target_macs})` (l2, global, round_to=8); "
-        "hf_prune_stem adds `prune_stem=True`",
+        "hf_prune_stem adds `prune_stem=True`; hf_prune_r16 uses `round_to=16`",
         f"torch_pruning: `MetaPruner(..., importance=GroupMagnitudeImportance(p=2), pruning_ratio={args.tp_ratio}, "
         "ignored_layers=[classifier], num_heads=..., prune_head_dims=True, prune_num_heads=False)`, default "
         "round_to=None (Torch-Pruning's default output); note it also prunes the embedding/stem width",

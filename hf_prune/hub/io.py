@@ -81,6 +81,9 @@ def save_pretrained(model: nn.Module, save_directory: str | os.PathLike, *, metr
     if standalone and spec["merged_blocks"]:
         raise SpecError("standalone=True cannot describe merged (UPDP) blocks yet: save without standalone "
                         "and load with hf_prune.AutoPrunedModel")
+    if standalone and any(type(m).__name__ == "PrunedMultiheadAttention" for m in model.modules()):
+        raise SpecError("standalone=True cannot rebuild a pruned nn.MultiheadAttention yet: save without "
+                        "standalone and load with hf_prune.AutoPrunedModel")
     if card:  # render first: bad metrics/speed fail before anything is written
         from .card import prepare_card, write_card
 
