@@ -39,6 +39,8 @@ def unit_scores(graph, kind: str = "l2") -> torch.Tensor:
     for m in graph.members:
         if m.tensor not in graph.param_names:
             continue  # running statistics say nothing about importance
+        if bool(graph.pinned[m.units].all()):
+            continue  # no prunable unit along this dim (e.g. a kept residual stream): nothing to rank
         t = tensors[m.tensor]
         dims = [d for d in range(t.dim()) if d != m.dim]
         with caller_threads():  # whole weights: the one heavy step here
