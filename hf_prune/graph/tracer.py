@@ -342,6 +342,14 @@ class Tracer(TorchDispatchMode):
         if name in _SPLITS and self._get(args[0]) is not None and self._get(args[0]).elem is not None:
             # Sizes given to a split may be stored in the module; the repair loop can pin these.
             self.splits.append((self.stack[-1] if self.stack else "", self._get(args[0]).elem))
+        perm = _permutation(name, args)
+        if perm is not None and isinstance(out, torch.Tensor) and self._get(args[0]) is not None:
+            # Axes only change places: permute the (already canonical) planes instead of replaying
+            # the op on full-size expanded label tensors (a linear's weight.t() is in every layer).
+            lab = self._get(args[0])
+            planes = [None if p is None else p.permute(perm) for p in lab.planes()]
+            self.table[id(out)] = (out, Labels.from_planes(planes, lab))
+            return
         if name in _RESHAPE and isinstance(out, torch.Tensor) and self._get(args[0]) is not None:
             lab = self._get(args[0])
             planes = [None if p is None else reshape_plane(p.expand(args[0].shape) if p.dim() != args[0].dim() else p,
@@ -770,6 +778,23 @@ def trace(model: nn.Module, example_inputs) -> Trace:
     tracer.pin_outputs(outs)
     return Trace(tracer.uf, tracer.params, tracer.aliases, tracer.pins, tracer.macs, tracer.lanes,
                  tracer.norms, tracer.unknown, [tuple(t.shape) for t in outs], tracer.splits)
+
+
+def _permutation(name: str, args) -> tuple | None:
+    """The axis permutation done by a transpose-like op, or None for any other op."""
+    if name not in ("t", "transpose", "permute") or not isinstance(args[0], torch.Tensor):
+        return None
+    ndim = args[0].dim()
+    if ndim == 0:
+        return None
+    order = list(range(ndim))
+    if name == "t":
+        return tuple(reversed(order)) if ndim == 2 else tuple(order)
+    if name == "transpose":
+        a, b = (d % ndim for d in args[1:3])
+        order[a], order[b] = order[b], order[a]
+        return tuple(order)
+    return tuple(d % ndim for d in args[1])
 
 
 def _slow_path_hooks(model: nn.Module) -> list:
