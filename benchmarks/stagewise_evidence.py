@@ -26,7 +26,9 @@ from __future__ import annotations
 import argparse
 import copy
 import math
+import os
 import sys
+import tempfile
 import time
 import warnings
 
@@ -155,7 +157,8 @@ def main(argv=None) -> dict:
     for name, supervision in (("stage-wise", "stage"), ("plain", "logits")):
         t = time.time()
         supernets[name], logs[name] = train_supernet(full, train, supervision, args.supernet_steps, 1e-3,
-                                                     f"/tmp/hf_prune_sp_evidence_{supervision}", seed=0)
+                                                     os.path.join(tempfile.gettempdir(),
+                                                                  f"hf_prune_sp_evidence_{supervision}"), seed=0)
         timings[f"supernet_{supervision}_s"] = time.time() - t
         print(f"supernet {name}: {timings[f'supernet_{supervision}_s']:.0f} s", flush=True)
     supernets["untrained (one-shot)"] = oneshot

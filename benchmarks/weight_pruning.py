@@ -32,6 +32,7 @@ import copy
 import json
 import os
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -775,7 +776,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--parts", nargs="*", default=list(PARTS), choices=PARTS,
                    help="parts to run (none: only re-compose the results file from the cache)")
-    p.add_argument("--cache", default="/tmp/hf_prune_weight_pruning.json")
+    p.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "hf_prune_weight_pruning.json"))
     p.add_argument("--output", default=str(RESULTS / "weight_pruning.md"))
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--models", nargs="+", default=["cnn", "vit"], choices=["cnn", "vit"])
