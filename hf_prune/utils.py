@@ -47,3 +47,28 @@ def single_threaded_fn(fn):
         with single_threaded():
             return fn(*args, **kwargs)
     return wrapper
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(model: torch.nn.Module, bns, batches, run) -> None:
+    """Re-estimate the running statistics of the BatchNorms ``bns`` as a cumulative average over
+    ``batches``, calling ``run(batch)`` for each; every other module runs in eval mode. Affine
+    parameters are unchanged; every module's train/eval mode and momentum come back afterwards."""
+    bns, batches = list(bns), list(batches)
+    if not bns or not batches:
+        return
+    modes = [(m, m.training) for m in model.modules()]
+    momenta = [bn.momentum for bn in bns]
+    try:
+        model.eval()
+        for bn in bns:
+            bn.reset_running_stats()
+            bn.momentum = None  # None: cumulative average
+            bn.train()
+        for batch in batches:
+            run(batch)
+    finally:
+        for bn, momentum in zip(bns, momenta):
+            bn.momentum = momentum
+        for m, training in modes:
+            m.train(training)

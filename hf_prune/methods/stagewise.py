@@ -68,6 +68,7 @@ from torch.nn import functional as F
 
 from ..api import PRUNE_RECORD
 from ..errors import PruningError
+from ..utils import recalibrate_batchnorm
 from ..masks import MaskedNorm, get_mask
 
 __all__ = ["Stage", "WidthSpace", "Supernet", "SearchResult", "find_stages", "evolutionary_search",
@@ -593,26 +594,10 @@ class Supernet:
     def recalibrated(self, choice, batches, persist: bool = False):
         """BN running statistics recomputed for ``choice`` over ``batches`` (cumulative average);
         the supernet's own statistics come back on exit unless ``persist``."""
-        bns = self._batchnorms()
         saved = self.bn_state()
-        modes = [(m, m.training) for m in self.model.modules()]
-        momenta = [(m, m.momentum) for m in bns]
-        try:
-            if bns and batches:
-                keep = self.space.keep(choice)
-                self.model.eval()
-                for m in bns:
-                    m.reset_running_stats()
-                    m.momentum = None  # cumulative average over the calibration batches
-                    m.train()
-                with torch.no_grad():
-                    for batch in batches:
-                        self.forward(keep, _strip_labels(batch))
-        finally:
-            for m, mom in momenta:
-                m.momentum = mom
-            for m, training in modes:
-                m.train(training)
+        keep = self.space.keep(choice)
+        recalibrate_batchnorm(self.model, self._batchnorms(), batches or [],
+                              lambda batch: self.forward(keep, _strip_labels(batch)))
         try:
             yield self
         finally:

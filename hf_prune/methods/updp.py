@@ -113,6 +113,7 @@ import torch
 from torch import nn
 
 from ..errors import PruningError
+from ..utils import recalibrate_batchnorm
 from .updp_blocks import AnnealedBlock, UnsupportedBlock, block_family, check_block, make_annealed
 from .updp_merge import MergedBlock, MergeError
 
@@ -316,24 +317,7 @@ def recalibrate_bn(model: nn.Module, batches, blocks=None) -> None:
     blocks = [m for _, m in annealed_blocks(model)] if blocks is None else list(blocks)
     bns = [m for b in blocks for m in b.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
            and m.track_running_stats]
-    batches = list(batches)
-    if not bns or not batches:
-        return
-    was_training = model.training
-    momenta = [bn.momentum for bn in bns]
-    try:
-        model.eval()
-        for bn in bns:
-            bn.reset_running_stats()
-            bn.momentum = None
-            bn.train()
-        with torch.no_grad():
-            for x in batches:
-                _forward(model, x)
-    finally:
-        for bn, m in zip(bns, momenta):
-            bn.momentum = m
-        model.train(was_training)
+    recalibrate_batchnorm(model, bns, batches, lambda x: _forward(model, x))
 
 
 # --------------------------------------------------------------------------- merging

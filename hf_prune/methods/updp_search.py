@@ -66,6 +66,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import PruningError
+from ..utils import recalibrate_batchnorm
 from .updp import (AnnealedBlock, _capture_inputs, _macs, _output_tensor, _resolve, _set_module, anneal, calibrate,
                    find_blocks)
 
@@ -393,23 +394,8 @@ def _cycle(data, seed: int):
 
 def _recalibrate_all(model: nn.Module, batches: list) -> None:
     """Running statistics of every BN re-estimated on ``batches`` (cumulative average), rest in eval."""
-    bns = _bns(model)
-    if not bns or not batches:
-        return
-    momenta = [bn.momentum for bn in bns]
+    recalibrate_batchnorm(model, _bns(model), batches, lambda b: _call(model, b))
     model.eval()
-    try:
-        for bn in bns:
-            bn.reset_running_stats()
-            bn.momentum = None
-            bn.train()
-        with torch.no_grad():
-            for b in batches:
-                _call(model, b)
-    finally:
-        for bn, m in zip(bns, momenta):
-            bn.momentum = m
-        model.eval()
 
 
 def evaluate_subnet(supernet: DepthSupernet, choice, data, *, calib_data=None, recalibrate: bool = True,
