@@ -138,6 +138,13 @@ def bench_model(name: str, variants: list[str], args, log) -> list[dict]:
             row["traceback"] = traceback.format_exc(limit=-6).replace(os.getcwd() + os.sep, "")
             log(f"  {kind}: FAILED {row['error']}")
 
+    time_variants(name, models, rows, x, args, log)
+    return [rows[k] for k in variants]
+
+
+def time_variants(name: str, models: dict, rows: dict, x, args, log) -> None:
+    """Time every model of ``models`` round-robin (CPU b1 / b32, GPU when present) and write latency,
+    speed-up vs ``rows["dense"]`` and efficiency (speed-up x MACs ratio) into ``rows[variant]``."""
     settings = [("cpu_b1", 1, args.warmup, args.iters), ("cpu_b32", 32, args.warmup32, args.iters32)]
     for key, batch, warmup, iters in settings:
         if iters <= 0:
@@ -168,15 +175,12 @@ def bench_model(name: str, variants: list[str], args, log) -> list[dict]:
         del gpu_models, xb
         torch.cuda.empty_cache()
 
-    out = []
-    for k in variants:
-        r = rows[k]
+    dense = rows["dense"]
+    for r in rows.values():
         for key in ("cpu_b1", "cpu_b32", "gpu"):
-            if r.get(f"{key}_ms") and rows["dense"].get(f"{key}_ms"):
-                r[f"{key}_speedup"] = rows["dense"][f"{key}_ms"] / r[f"{key}_ms"]
+            if r.get(f"{key}_ms") and dense.get(f"{key}_ms"):
+                r[f"{key}_speedup"] = dense[f"{key}_ms"] / r[f"{key}_ms"]
                 r[f"{key}_efficiency"] = r[f"{key}_speedup"] * r["macs_ratio"]
-        out.append(r)
-    return out
 
 
 def render(rows: list[dict], info: dict, args) -> str:

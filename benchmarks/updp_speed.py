@@ -36,12 +36,10 @@ if __package__ in (None, ""):
 import torch
 from torch import nn
 
-from benchmarks.common import (env_info, header_md, md_table, median, perturb_, rel_err, run_logits,
-                               time_interleaved, timm_model, write_results)
-from benchmarks.speed import with_batch
+from benchmarks.common import env_info, header_md, md_table, perturb_, rel_err, run_logits, timm_model, write_results
+from benchmarks.speed import time_variants, with_batch
 
 MODELS = ["convnext_tiny", "deit_small_patch16_224"]
-CNNS = {"convnext_tiny"}
 ANCHOR = ("ConvNeXt-T with blocks removed to depths 2-2-3-2 (9 of 18 blocks), 52% of the MACs: 1.59x the dense "
           "throughput on an H100 (DESIGN.md, `anchors/`)")
 
@@ -88,40 +86,7 @@ def make_variants(name: str, ks: list[int], removed_ks: list[int], log) -> tuple
 def bench_model(name: str, args, log) -> list[dict]:
     models, rows, x = make_variants(name, args.ks, args.removed, log)
     by_variant = {r["variant"]: r for r in rows}
-    settings = [("cpu_b1", 1, args.warmup, args.iters), ("cpu_b32", 32, args.warmup32, args.iters32)]
-    for key, batch, warmup, iters in settings:
-        if iters <= 0:
-            continue
-        xb = with_batch(x, batch)
-        t0 = time.perf_counter()
-        times = time_interleaved({k: (m, xb) for k, m in models.items()}, warmup=warmup, iters=iters)
-        log(f"  {key}: {time.perf_counter() - t0:.0f} s")
-        for k, ts in times.items():
-            by_variant[k][f"{key}_ms"] = median(ts)
-            by_variant[k][f"{key}_times"] = ts
-        del xb
-        gc.collect()
-    if torch.cuda.is_available() and args.gpu_iters > 0:
-        cl = name in CNNS
-        gpu = {}
-        for k, m in models.items():
-            g = copy.deepcopy(m).cuda()
-            gpu[k] = g.to(memory_format=torch.channels_last) if cl else g
-        xb = with_batch(x, args.gpu_batch, device="cuda", channels_last=cl)
-        times = time_interleaved({k: (m, xb) for k, m in gpu.items()}, warmup=args.gpu_warmup, iters=args.gpu_iters,
-                                 device="cuda", autocast_dtype=torch.bfloat16)
-        for k, ts in times.items():
-            by_variant[k]["gpu_ms"] = median(ts)
-            by_variant[k]["gpu_img_s"] = args.gpu_batch / (median(ts) / 1000.0)
-            by_variant[k]["gpu_times"] = ts
-        del gpu, xb
-        torch.cuda.empty_cache()
-    dense = by_variant["dense"]
-    for r in rows:
-        for key in ("cpu_b1", "cpu_b32", "gpu"):
-            if r.get(f"{key}_ms") and dense.get(f"{key}_ms"):
-                r[f"{key}_speedup"] = dense[f"{key}_ms"] / r[f"{key}_ms"]
-                r[f"{key}_efficiency"] = r[f"{key}_speedup"] * r["macs_ratio"]
+    time_variants(name, models, by_variant, x, args, log)
     return rows
 
 
