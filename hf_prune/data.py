@@ -18,14 +18,14 @@ given directly to ``transformers.Trainer``; :meth:`DigitsSplit.to_hf_dataset` tu
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from .utils import logits_of
 
 __all__ = ["DigitsSplit", "load_digits", "make_loader", "accuracy", "NUM_CLASSES", "ID2LABEL"]
 
@@ -195,19 +195,6 @@ def make_loader(
     )
 
 
-def _logits(output: Any) -> torch.Tensor:
-    if isinstance(output, torch.Tensor):
-        return output
-    logits = getattr(output, "logits", None)
-    if logits is None and isinstance(output, Mapping):
-        logits = output.get("logits")
-    if logits is None and isinstance(output, (tuple, list)) and output:
-        logits = output[0]
-    if not isinstance(logits, torch.Tensor):
-        raise TypeError(f"cannot find logits in model output of type {type(output).__name__}")
-    return logits
-
-
 def accuracy(model: torch.nn.Module, split: DigitsSplit, batch_size: int = 256) -> float:
     """Top-1 accuracy of ``model`` on ``split`` (eval mode, no grad; training mode restored).
 
@@ -224,7 +211,7 @@ def accuracy(model: torch.nn.Module, split: DigitsSplit, batch_size: int = 256) 
             for start in range(0, len(split), batch_size):
                 x = split.pixel_values[start : start + batch_size].to(device)
                 y = split.labels[start : start + batch_size].to(device)
-                pred = _logits(model(x)).argmax(dim=-1)
+                pred = logits_of(model(x)).argmax(dim=-1)
                 correct += int((pred == y).sum().item())
     finally:
         model.train(was_training)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+from collections.abc import Mapping
 
 import torch
 
@@ -72,3 +73,20 @@ def recalibrate_batchnorm(model: torch.nn.Module, bns, batches, run) -> None:
             bn.momentum = momentum
         for m, training in modes:
             m.train(training)
+
+
+def logits_of(output) -> torch.Tensor:
+    """The logits in a model's output: a tensor, ``.logits`` / ``["logits"]`` (transformers), or
+    the first element of a tuple."""
+    if isinstance(output, torch.Tensor):
+        return output
+    logits = getattr(output, "logits", None)
+    if logits is None and isinstance(output, Mapping):
+        logits = output.get("logits")
+    if logits is None and isinstance(output, (tuple, list)) and output:
+        logits = output[0]
+    if not isinstance(logits, torch.Tensor):
+        from .errors import PruningError
+
+        raise PruningError(f"cannot find logits in a model output of type {type(output).__name__}")
+    return logits

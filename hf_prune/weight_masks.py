@@ -43,6 +43,7 @@ import torch
 from torch import nn
 
 from .errors import PruningError
+from .utils import logits_of
 
 __all__ = [
     "PRUNABLE_TYPES", "ATTR", "prunable_layers", "find_stem", "find_classifier", "WeightMasks",
@@ -542,16 +543,7 @@ def forward_logits(model: nn.Module, inputs) -> torch.Tensor:
         out = model(*inputs)
     else:
         out = model(inputs)
-    if isinstance(out, torch.Tensor):
-        return out
-    logits = getattr(out, "logits", None)
-    if logits is None and isinstance(out, Mapping):
-        logits = out.get("logits")
-    if logits is None and isinstance(out, (tuple, list)) and out:
-        logits = out[0]
-    if not isinstance(logits, torch.Tensor):
-        raise PruningError(f"cannot find logits in model output of type {type(out).__name__}")
-    return logits
+    return logits_of(out)
 
 
 # ----------------------------------------------------------------------------------------- export

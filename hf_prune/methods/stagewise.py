@@ -68,7 +68,7 @@ from torch.nn import functional as F
 
 from ..api import PRUNE_RECORD
 from ..errors import PruningError
-from ..utils import recalibrate_batchnorm
+from ..utils import logits_of, recalibrate_batchnorm
 from ..masks import MaskedNorm, get_mask
 
 __all__ = ["Stage", "WidthSpace", "Supernet", "SearchResult", "find_stages", "evolutionary_search",
@@ -122,19 +122,6 @@ def _call(model: nn.Module, inputs):
     if isinstance(inputs, (tuple, list)):
         return model(*inputs)
     return model(inputs)
-
-
-def _logits(out) -> torch.Tensor:
-    if isinstance(out, torch.Tensor):
-        return out
-    logits = getattr(out, "logits", None)
-    if logits is None and isinstance(out, dict):
-        logits = out.get("logits")
-    if logits is None and isinstance(out, (tuple, list)):
-        logits = out[0]
-    if not isinstance(logits, torch.Tensor):
-        raise PruningError(f"cannot find logits in a model output of type {type(out).__name__}")
-    return logits
 
 
 def _container_children(module: nn.Module) -> list:
@@ -533,7 +520,7 @@ class Supernet:
             raise PruningError("this supernet has no teacher; build it with teacher= (the unpruned full net)")
         feats: dict = {}
         with torch.no_grad(), self._stage_hooks(self.teacher, feats, None):
-            logits = _logits(_call(self.teacher, inputs))
+            logits = logits_of(_call(self.teacher, inputs))
         return feats, logits
 
     # ------------------------------------------------------------------ losses
@@ -559,7 +546,7 @@ class Supernet:
                 x = feats[("in", k)]
                 m = self.channel_mask(("in", k), keep, x)
                 inject[k] = x if m is None else x * m
-        s_logits = _logits(self.forward(keep, inputs, module=module, capture=capture, inject=inject))
+        s_logits = logits_of(self.forward(keep, inputs, module=module, capture=capture, inject=inject))
         loss = s_logits.new_zeros(())
         if supervision == "stage":
             for k in stages:
@@ -614,7 +601,7 @@ class Supernet:
         try:
             for batch in batches:
                 inputs, labels = _split_batch(batch)
-                pred = _logits(self.forward(keep, inputs)).argmax(-1)
+                pred = logits_of(self.forward(keep, inputs)).argmax(-1)
                 correct += int((pred == labels.to(pred.device)).sum())
                 total += int(labels.numel())
         finally:
