@@ -159,11 +159,11 @@ def main(argv: list[str] | None = None) -> dict:
         save_kwargs = dict(method="stagewise", settings=dict(callback.settings, widths=found.widths),
                            stats={k: v for k, v in record.get("stats", {}).items() if k.startswith("macs")})
         save_pretrained(subnet, out, metrics=card_metrics, **save_kwargs)
-        (out / "stagewise_results.json").write_text(json.dumps(results, indent=2) + "\n")
         if push_repo:
             push_to_hub(subnet, push_repo, metrics=card_metrics, private=bool(training_args.hub_private_repo),
                         token=training_args.hub_token, **save_kwargs)
             results["pushed_to"] = push_repo
+        (out / "stagewise_results.json").write_text(json.dumps(results, indent=2) + "\n")
         logger.info("SP subnet: %.1f%% MACs, proxy accuracy %.4f, eval accuracy %s; saved to %s",
                     100 * found.macs_ratio, found.score, acc, out)
     return results
