@@ -94,7 +94,6 @@ def datasets_for(kind, raw_train, raw_eval, labels, size, mean, std, data_args, 
 def main(argv: list[str] | None = None) -> dict:
     from transformers import HfArgumentParser, Trainer, TrainingArguments, set_seed
 
-    from hf_prune.data import accuracy  # noqa: F401  (kept importable for users of this program)
     from hf_prune.methods.stagewise_trainer import StageWiseCallback, StageWiseTrainer
 
     argv, push_repo = split_push_argument(list(sys.argv[1:] if argv is None else argv))
