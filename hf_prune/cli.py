@@ -102,13 +102,18 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Prune MODEL, print a before/after table (params, MACs, measured "
                                    "latency at batch 1) and save the pruned model.")
     p.add_argument("model", metavar="MODEL", help=model_help)
-    p.add_argument("--method", default="depgraph", choices=["depgraph"],
-                   help="pruning method (default: depgraph)")
+    p.add_argument("--method", default="depgraph", choices=CLI_METHODS,
+                   help="depgraph (channels and heads), updp (whole blocks, merged; --num-blocks or "
+                        "--target-macs), stagewise (searched widths, one-shot), magnitude (individual "
+                        "weights; --sparsity); rd and ovit need calibration data: use the Python API "
+                        "(default: depgraph)")
     target = p.add_mutually_exclusive_group(required=True)
     target.add_argument("--target-macs", type=_fraction, metavar="F",
                         help="fraction of the dense MACs to keep, in (0, 1)")
     target.add_argument("--sparsity", type=_fraction, metavar="F",
                         help="fraction of prunable parameters to remove, in (0, 1)")
+    target.add_argument("--num-blocks", type=_positive_int, metavar="K",
+                        help="updp: number of blocks to merge")
     p.add_argument("--output", "-o", metavar="DIR",
                    help="save the pruned model here (config.json with the hf_prune spec + safetensors)")
     p.add_argument("--importance", default="l2", choices=["l1", "l2"],
@@ -446,7 +451,20 @@ def _input_shape(inputs) -> list[int]:
 # ------------------------------------------------------------------------------------------------
 
 
+CLI_METHODS = ["depgraph", "updp", "stagewise", "magnitude", "rd", "ovit"]
+_TARGETS = {"depgraph": ("target_macs", "sparsity"), "updp": ("num_blocks", "target_macs"),
+            "stagewise": ("target_macs",), "magnitude": ("sparsity",)}
+
+
 def _check_targets(args) -> None:
+    if args.method in ("rd", "ovit"):
+        raise CLIError(f"--method {args.method} needs calibration data, which the command line does not "
+                       f"take: use hf_prune.prune(model, method={args.method!r}, sparsity=..., calib=loader) "
+                       "in Python, or trainers/prune_finetune.py")
+    given = next(k for k in ("target_macs", "sparsity", "num_blocks") if getattr(args, k) is not None)
+    if given not in _TARGETS[args.method]:
+        allowed = " or ".join("--" + k.replace("_", "-") for k in _TARGETS[args.method])
+        raise CLIError(f"--method {args.method} takes {allowed}, not --{given.replace('_', '-')}")
     if args.target_macs is not None and not 0.0 < args.target_macs < 1.0:
         raise CLIError(f"--target-macs is the fraction of the dense MACs to keep and must be in (0, 1), "
                        f"got {args.target_macs:g}")
@@ -467,7 +485,7 @@ def _cmd_prune(args, out) -> int:
 
     import torch
 
-    from .api import prune
+    from .api import PRUNE_RECORD, prune
     from .profiling import ProfileReport, compare, count_macs, count_params
 
     loaded = load_model(args.model, image_size=args.image_size, num_labels=args.num_labels,
@@ -480,10 +498,13 @@ def _cmd_prune(args, out) -> int:
     params_before, _ = count_params(model)
     macs_before = count_macs(model, inputs)
 
-    target = ({"target_macs": args.target_macs} if args.target_macs is not None
-              else {"sparsity": args.sparsity})
-    options = dict(importance=args.importance, mode=args.mode,
-                   round_to=args.round_to or None, prune_stem=args.prune_stem)
+    target = {k: getattr(args, k) for k in ("target_macs", "sparsity", "num_blocks") if getattr(args, k) is not None}
+    options = {}
+    if args.method == "depgraph":
+        options = dict(importance=args.importance, mode=args.mode, round_to=args.round_to or None,
+                       prune_stem=args.prune_stem)
+    elif args.method == "stagewise":
+        options = dict(round_to=args.round_to or None, prune_stem=args.prune_stem)
     start = time.perf_counter()
     prune(model, args.method, example_inputs=inputs, **target, **options)
     prune_s = time.perf_counter() - start
@@ -513,6 +534,7 @@ def _cmd_prune(args, out) -> int:
                    "speedup": lat_before / lat_after},
         "latency": {"batch_size": 1, "device": device, "threads": torch.get_num_threads()},
         "prune_seconds": prune_s,
+        "sparsity": model.__dict__.get(PRUNE_RECORD, {}).get("stats", {}).get("global_sparsity"),
         "output": None,
         "files": [],
         "pushed_to": None,
@@ -539,6 +561,8 @@ def _cmd_prune(args, out) -> int:
         print(f"{args.model} ({loaded.library}, {loaded.weights} weights, input {shape}): "
               f"{args.method}, {what}, pruned in {prune_s:.1f} s", file=out)
         print(compare(*reports), file=out)
+        if result["sparsity"] is not None:  # zeros do not change dense params, MACs or speed
+            print(f"zeroed weights: {result['sparsity']:.1%} of the prunable weights", file=out)
         if args.output:
             print(f"saved to {result['output']} ({', '.join(result['files'])})", file=out)
         else:

@@ -132,6 +132,37 @@ def test_prune_table_output(capsys):
     assert "not saved (no --output)" in out
 
 
+def test_prune_with_every_data_free_method(capsys, tmp_path):
+    base = ["prune", "resnet18", "--image-size", "64", "--json", "--iters", "2", "--threads", "1"]
+    code, out, err = _run(capsys, base + ["--method", "updp", "--num-blocks", "2", "--output", str(tmp_path / "u")])
+    assert code == 0, err
+    data = json.loads(out)
+    assert data["method"] == "updp" and data["target"] == {"num_blocks": 2} and data["ratios"]["macs"] < 1
+    config = json.loads((tmp_path / "u" / "config.json").read_text())
+    assert len(config["hf_prune"]["merged_blocks"]) == 2
+
+    code, out, err = _run(capsys, base + ["--method", "stagewise", "--target-macs", "0.6"])
+    assert code == 0, err
+    assert json.loads(out)["ratios"]["macs"] <= 0.6
+
+    code, out, err = _run(capsys, base + ["--method", "magnitude", "--sparsity", "0.5"])
+    assert code == 0, err
+    data = json.loads(out)
+    assert data["sparsity"] == pytest.approx(0.5, abs=0.01) and data["ratios"]["params"] == 1.0
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--method", "rd", "--sparsity", "0.5"], "needs calibration data"),
+    (["--method", "ovit", "--sparsity", "0.5"], "needs calibration data"),
+    (["--method", "updp", "--sparsity", "0.5"], "--method updp takes --num-blocks or --target-macs"),
+    (["--method", "magnitude", "--target-macs", "0.5"], "--method magnitude takes --sparsity"),
+    (["--num-blocks", "2"], "--method depgraph takes --target-macs or --sparsity"),
+])
+def test_method_and_target_mismatch_is_a_usage_error(capsys, argv, message):
+    code, out, err = _run(capsys, ["prune", "resnet18"] + argv)
+    assert code == 2 and out == "" and message in err
+
+
 @pytest.mark.parametrize("flag,value", [("--target-macs", "1.5"), ("--target-macs", "0"),
                                         ("--sparsity", "1")])
 def test_bad_target_is_a_usage_error(capsys, tmp_path, flag, value):
