@@ -370,3 +370,16 @@ def test_merged_models_save_and_load_exactly(kind, tmp_path):
     run = (lambda m: m(**x).logits) if isinstance(x, dict) else (lambda m: m(x))
     with torch.no_grad():
         assert torch.equal(run(model), run(loaded))
+
+
+def test_one_value_per_channel_batchnorm_is_a_clear_error():
+    import copy
+
+    import hf_prune
+
+    model = timm.create_model("resnet18", num_classes=10).eval()
+    reference = copy.deepcopy(model)
+    with pytest.raises(PruningError, match="at least 2 images"):
+        hf_prune.prune(model, method="updp", num_blocks=2, example_inputs=torch.randn(1, 3, 32, 32))
+    assert str(model) == str(reference)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), reference.state_dict().values()))

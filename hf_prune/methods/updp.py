@@ -530,7 +530,13 @@ def prune_depth(model: nn.Module, *, example_inputs=None, blocks=None, num_block
     "became" (MergedBlock.describe()), "score"}``. On any error the model is restored and a
     :class:`~hf_prune.errors.PruningError` raised.
     """
-    refs, how, info = _select(model, example_inputs, blocks, num_blocks, target_macs)
+    try:
+        refs, how, info = _select(model, example_inputs, blocks, num_blocks, target_macs)
+    except ValueError as exc:
+        if "value per channel" not in str(exc):
+            raise
+        raise PruningError("UPDP estimates BatchNorm statistics on example_inputs, and a BatchNorm saw one value "
+                           f"per channel ({exc}): pass a batch of at least 2 images, or larger images") from exc
     batches = _batches(example_inputs)
     if not batches:
         needs_stats = [r.path for r in refs if r.family in ("convnext", "vit")]
