@@ -840,29 +840,10 @@ def evolutionary_search(space: WidthSpace, fitness, feasible, *, population: int
 
 
 def kendall_tau(x, y) -> float:
-    """Kendall's tau-b (ties handled); scipy's when installed."""
-    try:
-        from scipy.stats import kendalltau
+    """Kendall's tau-b (ties handled) of two score lists."""
+    from scipy.stats import kendalltau
 
-        return float(kendalltau(x, y).statistic)
-    except ImportError:
-        pass
-    n, conc, disc, tx, ty = len(x), 0, 0, 0, 0
-    for i in range(n):
-        for j in range(i + 1, n):
-            a, b = x[i] - x[j], y[i] - y[j]
-            if a == 0 and b == 0:
-                continue
-            if a == 0:
-                tx += 1
-            elif b == 0:
-                ty += 1
-            elif (a > 0) == (b > 0):
-                conc += 1
-            else:
-                disc += 1
-    denom = math.sqrt((conc + disc + tx) * (conc + disc + ty))
-    return (conc - disc) / denom if denom else float("nan")
+    return float(kendalltau(x, y).statistic)
 
 
 # --------------------------------------------------------------------------------------- one-shot
