@@ -62,6 +62,7 @@ from transformers import TrainerCallback
 from .errors import PruningError
 from .masks import StructuredMask, get_mask, set_mask
 from .schedules import SCHEDULES, SparsitySchedule, make_schedule, target_from_amount
+from .utils import model_device, to_device
 
 logger = logging.getLogger(__name__)
 
@@ -169,21 +170,6 @@ def example_inputs_from_dataloader(dataloader, n: int = 2, label_names=()) -> di
     if isinstance(batch, (tuple, list)):
         return batch[0]  # (inputs, labels) convention
     return batch
-
-
-def _to_device(x, device):
-    if isinstance(x, torch.Tensor):
-        return x.to(device)
-    if isinstance(x, dict):
-        return {k: _to_device(v, device) for k, v in x.items()}
-    if isinstance(x, (tuple, list)):
-        return type(x)(_to_device(v, device) for v in x)
-    return x
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    p = next(model.parameters(), None)
-    return p.device if p is not None else torch.device("cpu")
 
 
 def reload_checkpoint_weights(model: nn.Module, checkpoint: str | os.PathLike) -> bool:
@@ -347,7 +333,7 @@ class PruningCallback(TrainerCallback):
         if inputs is None:
             raise PruningError(f"{type(self).__name__} needs example_inputs to trace the model: pass "
                                "example_inputs= (e.g. {'pixel_values': torch.randn(2, 3, 224, 224)})")
-        inputs = _to_device(inputs, _model_device(model))
+        inputs = to_device(inputs, model_device(model))
         self.model, self.total_steps = model, total_steps
         with torch.random.fork_rng(devices=[]):
             self.pruner = self.build_pruner(model, inputs)

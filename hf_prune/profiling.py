@@ -26,6 +26,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .utils import model_device
+
 __all__ = ["ProfileReport", "profile", "compare", "time_model", "count_params", "count_macs"]
 
 
@@ -67,14 +69,6 @@ def _forward(model: nn.Module, inputs: Any) -> Any:
     if isinstance(inputs, (tuple, list)):
         return model(*inputs)
     return model(inputs)
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    for b in model.buffers():
-        return b.device
-    return torch.device("cpu")
 
 
 def _synchronize(device: torch.device) -> None:
@@ -168,7 +162,7 @@ def time_model(
     if iters < 1:
         raise ValueError(f"iters must be >= 1, got {iters}")
     first = _first_tensor(example_inputs)
-    device = first.device if first is not None else _model_device(model)
+    device = first.device if first is not None else model_device(model)
     timings: list[float] = []
     with torch.inference_mode():
         for _ in range(max(0, warmup)):
@@ -260,7 +254,7 @@ def profile(
     Latency is the median of ``iters`` timed passes after ``warmup`` passes
     (``None`` when ``measure_latency=False``).
     """
-    original_device = _model_device(model)
+    original_device = model_device(model)
     target = torch.device(device) if device is not None else original_device
     if target.type == "cuda" and target.index is None:
         target = torch.device("cuda", torch.cuda.current_device())

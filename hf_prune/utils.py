@@ -90,3 +90,23 @@ def logits_of(output) -> torch.Tensor:
 
         raise PruningError(f"cannot find logits in a model output of type {type(output).__name__}")
     return logits
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """Device of the model's first parameter (or buffer); CPU for a model with neither."""
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
+def to_device(x, device):
+    """``x`` with every tensor in it (nested in mappings, tuples and lists) moved to ``device``."""
+    if isinstance(x, torch.Tensor):
+        return x.to(device)
+    if isinstance(x, Mapping):
+        return {k: to_device(v, device) for k, v in x.items()}
+    if isinstance(x, (tuple, list)):
+        return type(x)(to_device(v, device) for v in x)
+    return x

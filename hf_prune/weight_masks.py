@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from .errors import PruningError
-from .utils import logits_of
+from .utils import logits_of, model_device, to_device
 
 __all__ = [
     "PRUNABLE_TYPES", "ATTR", "prunable_layers", "find_stem", "find_classifier", "WeightMasks",
@@ -480,19 +480,6 @@ def exact_counts(sizes: list[int], wanted: list[float], total: int, *, lower: li
 # ----------------------------------------------------------------------------------------- calibration
 
 
-def _model_device(model: nn.Module) -> torch.device:
-    p = next(model.parameters(), None)
-    return p.device if p is not None else torch.device("cpu")
-
-
-def _to(x, device):
-    if isinstance(x, torch.Tensor):
-        return x.to(device)
-    if isinstance(x, Mapping):
-        return {k: _to(v, device) for k, v in x.items()}
-    return x
-
-
 def iter_batches(calib, max_batches: int | None = None, device=None):
     """Yield ``(inputs, labels)`` from ``calib``: an iterable of dicts ``{"pixel_values", "labels"}``
     (other keys are passed to the model too) or of ``(x, y)`` tuples, or a single such batch."""
@@ -517,7 +504,7 @@ def iter_batches(calib, max_batches: int | None = None, device=None):
         else:
             raise PruningError(f"calibration batches must be dicts or (x, y) tuples, got {type(batch).__name__}")
         if device is not None:
-            inputs, labels = _to(inputs, device), _to(labels, device)
+            inputs, labels = to_device(inputs, device), to_device(labels, device)
         count += 1
         yield inputs, labels
 

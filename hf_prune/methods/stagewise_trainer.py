@@ -37,9 +37,10 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback
 
-from ..callbacks import (STATE_NAME, _check_same_everywhere, _dist, _model_device, _to_device,
-                         example_inputs_from_dataloader, reload_checkpoint_weights)
+from ..callbacks import (STATE_NAME, _check_same_everywhere, _dist, example_inputs_from_dataloader,
+                         reload_checkpoint_weights)
 from ..errors import PruningError
+from ..utils import model_device, to_device
 from .stagewise import DEFAULT_RATIOS, SUPERVISIONS, Supernet, _digest, _split_batch
 
 logger = logging.getLogger(__name__)
@@ -144,7 +145,7 @@ class StageWiseCallback(TrainerCallback):
                                "(e.g. {'pixel_values': torch.randn(2, 3, 224, 224)})")
         if self.teacher is None:
             self.set_teacher(model)
-        inputs = _to_device(inputs, _model_device(model))
+        inputs = to_device(inputs, model_device(model))
         with torch.random.fork_rng(devices=[]):
             self.supernet = Supernet(model, inputs, ratios=self.ratios, round_to=self.round_to, stages=self.stages,
                                      num_stages=self.num_stages, teacher=self.teacher, importance=self.importance,
@@ -324,8 +325,8 @@ class StageWiseTrainer(Trainer):
             cb.step_begin(self.state.global_step)
         inputs = dict(inputs)
         labels = next((inputs.pop(k) for k in ("labels", "label", "label_ids") if k in inputs), None)
-        device = _model_device(sup.model)
-        if _model_device(sup.teacher) != device:
+        device = model_device(sup.model)
+        if model_device(sup.teacher) != device:
             sup.teacher.to(device)
         teacher = sup.teacher_features(inputs)
         stages = cb.active_stages(cb.step)
@@ -348,12 +349,12 @@ class StageWiseTrainer(Trainer):
         gen = torch.Generator().manual_seed(seed) if shuffle else None
         loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=gen,
                                              collate_fn=self.data_collator)
-        device = _model_device(self.stagewise.supernet.model)
+        device = model_device(self.stagewise.supernet.model)
         out = []
         for batch in loader:
             if limit is not None and len(out) >= limit:
                 break
-            out.append(_to_device(dict(batch) if hasattr(batch, "keys") else batch, device))
+            out.append(to_device(dict(batch) if hasattr(batch, "keys") else batch, device))
         return out
 
     def search(self, target_macs: float | None = None, *, max_latency_ms: float | None = None, eval_dataset=None,

@@ -40,9 +40,9 @@ import warnings
 from torch import nn
 from transformers import TrainerCallback
 
-from ..callbacks import (STATE_VERSION, PruningCallback, _model_device, _to_device,
-                         example_inputs_from_dataloader)
+from ..callbacks import STATE_VERSION, PruningCallback, example_inputs_from_dataloader
 from ..errors import PruningError
+from ..utils import model_device, to_device
 from ..schedules import Annealing
 from .updp import (UPDPAnnealer, _resolve, _select, anneal, annealed_blocks, calibrate, find_blocks, set_lambda,
                    stripped_copy, unwrap_block)
@@ -135,7 +135,7 @@ class UPDPCallback(PruningCallback):
         self._reset()
         inputs = example_inputs if example_inputs is not None else self.example_inputs
         if inputs is not None:
-            inputs = _to_device(inputs, _model_device(model))
+            inputs = to_device(inputs, model_device(model))
         if prewrapped is not model or not annealed_blocks(model):
             self._prewrap(model)
             self._late_params = [p for _, w in annealed_blocks(model) for p in w.parameters()
@@ -293,7 +293,7 @@ class UPDPSupernetCallback(TrainerCallback):
             if inputs is None:
                 inputs = example_inputs_from_dataloader(train_dataloader, n=8,
                                                         label_names=getattr(args, "label_names", None))
-            self.supernet.calibrate([_to_device(inputs, _model_device(model))])
+            self.supernet.calibrate([to_device(inputs, model_device(model))])
         seed = self.seed if self.seed is not None else int(getattr(args, "seed", 0))
         self.sampler = SubnetSampler(self.supernet.num_candidates, seed=seed, num_blocks=self.num_blocks,
                                      prob=self.prob)

@@ -66,7 +66,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import PruningError
-from ..utils import recalibrate_batchnorm
+from ..utils import model_device, recalibrate_batchnorm, to_device
 from .updp import (AnnealedBlock, _capture_inputs, _macs, _output_tensor, _resolve, _set_module, anneal, calibrate,
                    find_blocks)
 
@@ -106,22 +106,7 @@ def _inputs(batch, device):
     x = _split(batch)[0]
     if isinstance(x, Mapping) and len(x) == 1:
         x = next(iter(x.values()))
-    return _to(x, device)
-
-
-def _device(model: nn.Module) -> torch.device:
-    p = next(model.parameters(), None)
-    return p.device if p is not None else torch.device("cpu")
-
-
-def _to(x, device):
-    if isinstance(x, torch.Tensor):
-        return x.to(device)
-    if isinstance(x, Mapping):
-        return {k: _to(v, device) for k, v in x.items()}
-    if isinstance(x, (tuple, list)):
-        return type(x)(_to(v, device) for v in x)
-    return x
+    return to_device(x, device)
 
 
 def _call(model: nn.Module, inputs) -> torch.Tensor:
@@ -224,7 +209,7 @@ class DepthSupernet:
 
     def calibrate(self, batches) -> None:
         """Initialise the new BNs from the original blocks' statistics on ``batches`` (inputs only)."""
-        calibrate(self.model, [_inputs(b, _device(self.model)) for b in _batches(batches)], self.wrappers)
+        calibrate(self.model, [_inputs(b, model_device(self.model)) for b in _batches(batches)], self.wrappers)
 
     def check(self, choice) -> Choice:
         if not self.wrappers:
@@ -260,7 +245,7 @@ class DepthSupernet:
     # ---- MACs
     def macs_table(self, example_inputs) -> dict:
         """Per-sample MACs: ``{"dense", "saving": [per candidate]}`` (original minus merged block)."""
-        inputs = _inputs(_batches(example_inputs)[0], _device(self.model))
+        inputs = _inputs(_batches(example_inputs)[0], model_device(self.model))
         key = tuple(_first(inputs).shape[1:])  # per-sample MACs depend on the sample shape only
         if self._table is not None and self._table["shape"] == key:
             return self._table
@@ -333,7 +318,7 @@ def train_supernet(supernet: DepthSupernet, data, steps: int, *, lr: float = 1e-
         raise PruningError(f"steps={steps!r} must be a positive int (optimizer steps)")
     if not 0.0 <= kd_alpha <= 1.0:
         raise PruningError(f"kd_alpha={kd_alpha!r} must be in [0, 1]")
-    model, device = supernet.model, _device(supernet.model)
+    model, device = supernet.model, model_device(supernet.model)
     sampler = sampler or SubnetSampler(supernet.num_candidates, seed=seed)
     if sampler.n != supernet.num_candidates:
         raise PruningError(f"the sampler draws over {sampler.n} blocks but the supernet has {supernet.num_candidates}")
@@ -348,7 +333,7 @@ def train_supernet(supernet: DepthSupernet, data, steps: int, *, lr: float = 1e-
         inputs, labels = _split(next(stream))
         if labels is None:
             raise PruningError("supernet training needs labelled batches (a 'labels' key or (inputs, labels))")
-        inputs, labels = _to(inputs, device), labels.to(device)
+        inputs, labels = to_device(inputs, device), labels.to(device)
         logits = _call(model, inputs)
         loss = F.cross_entropy(logits, labels)
         if teacher is not None and kd_alpha > 0:
@@ -406,7 +391,7 @@ def evaluate_subnet(supernet: DepthSupernet, choice, data, *, calib_data=None, r
     ``data``'s inputs); the supernet's statistics, choice and train mode are restored afterwards.
     ``score_fn(model) -> float`` (higher is better) replaces accuracy as the proxy.
     """
-    model, device = supernet.model, _device(supernet.model)
+    model, device = supernet.model, model_device(supernet.model)
     previous, was_training = supernet.choice, model.training
     bns = _bns(model)
     saved = [(bn.running_mean.clone(), bn.running_var.clone(), bn.num_batches_tracked.clone()) for bn in bns]
@@ -427,7 +412,7 @@ def evaluate_subnet(supernet: DepthSupernet, choice, data, *, calib_data=None, r
                 inputs, labels = _split(b)
                 if labels is None:
                     raise PruningError("the accuracy proxy needs labelled held-out batches; or pass score_fn=")
-                logits = _call(model, _to(inputs, device)).float()
+                logits = _call(model, to_device(inputs, device)).float()
                 labels = labels.to(device)
                 correct += int((logits.argmax(-1) == labels).sum())
                 loss += float(F.cross_entropy(logits, labels, reduction="sum"))
@@ -484,7 +469,7 @@ class _Budget:
                                    f"keeps {floor:.3f} of the dense MACs; use target_macs >= {math.ceil(floor * 1000) / 1000}")
         else:
             lat = latency_inputs if latency_inputs is not None else example_inputs
-            self.lat_inputs = _inputs(_batches(lat)[0], _device(supernet.model))
+            self.lat_inputs = _inputs(_batches(lat)[0], model_device(supernet.model))
             self.lat_iters = int(latency_iters)
             self.dense_model = supernet.subnet(())
             floor = self.latency_ratio(everything)
