@@ -144,31 +144,30 @@ def evaluate(model, split, dense_pred=None):
     return acc, agree, pred
 
 
-@torch.no_grad()
 def recalibrate_bn(model, images, batch_size=128):
-    """Re-estimate BatchNorm running statistics on ``images`` (cumulative average); no-op without BN."""
+    """Re-estimate BatchNorm running statistics on ``images`` (cumulative average); False without BN."""
+    from hf_prune.utils import recalibrate_batchnorm
+
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    if not bns:
-        return False
-    for bn in bns:
-        bn.reset_running_stats()
-        bn.momentum = None
-    model.train()
-    for i in range(0, len(images), batch_size):
-        model(images[i:i + batch_size])
+    batches = [images[i:i + batch_size] for i in range(0, len(images), batch_size)]
+    recalibrate_batchnorm(model, bns, batches, model)
     model.eval()
-    return True
+    return bool(bns)
 
 
 # ----------------------------------------------------------------------------------------- digits
 
 
-def part_digits(args) -> dict:
+def mnist_splits():
+    """The benchmark's MNIST train/held-out splits and one fixed order of the training images."""
     from hf_prune.data import load_digits
 
     train_split, val = load_digits(source="mnist", image_size=28, channels=1, seed=0)
-    g = torch.Generator().manual_seed(1)
-    perm = torch.randperm(len(train_split), generator=g)
+    return train_split, val, torch.randperm(len(train_split), generator=torch.Generator().manual_seed(1))
+
+
+def part_digits(args) -> dict:
+    train_split, val, perm = mnist_splits()
     # RD calibration: 256 training images (the paper's ImageNet setting), 4 batches of 64
     rd_idx = perm[:256]
     rd_calib = [{"pixel_values": train_split.pixel_values[rd_idx[i:i + 64]], "labels": train_split.labels[rd_idx[i:i + 64]]}
@@ -442,13 +441,10 @@ def finetune(model, split, steps: int, *, lr: float, callback=None, batch_size: 
 
 def part_gradual(args) -> dict:
     """One-shot vs gradual (cubic) pruning to ``--gradual-sparsity`` with the same fine-tuning budget."""
-    from hf_prune.data import load_digits
     from hf_prune.methods.weight_allocation import weight_pruning_callback_base
     from hf_prune.weight_masks import get_weight_masks
 
-    train_split, val = load_digits(source="mnist", image_size=28, channels=1, seed=0)
-    g = torch.Generator().manual_seed(1)
-    perm = torch.randperm(len(train_split), generator=g)
+    train_split, val, perm = mnist_splits()
     m, bs = args.gradual_num_grads, 16
     ov_calib = [{"pixel_values": train_split.pixel_values[perm[i:i + bs]], "labels": train_split.labels[perm[i:i + bs]]}
                 for i in range(0, m * bs, bs)]
