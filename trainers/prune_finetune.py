@@ -279,6 +279,25 @@ def model_input_spec(model, override: int | None):
 # ------------------------------------------------------------------------------------------ main
 
 
+def build_datasets(kind, raw_train, raw_eval, labels, size, mean, std, data_args, training_args):
+    """Train / eval datasets at the model's input size: built-in digits, or the loaded Hub/folder data."""
+    if kind in ("sklearn", "mnist"):
+        from hf_prune.data import load_digits
+
+        train, evalset = load_digits(source=kind, image_size=size, channels=3, val_fraction=data_args.val_fraction,
+                                     seed=training_args.seed)
+        if data_args.max_train_samples:
+            train = torch.utils.data.Subset(train, range(min(data_args.max_train_samples, len(train))))
+        if data_args.max_eval_samples:
+            evalset = torch.utils.data.Subset(evalset, range(min(data_args.max_eval_samples, len(evalset))))
+        return train, evalset
+    feature = raw_train.features["__label"]
+    index = None if hasattr(feature, "names") else {lab: i for i, lab in enumerate(labels)}
+    tf = image_transform(size, mean, std, index)
+    training_args.remove_unused_columns = False  # the transform needs the raw columns
+    return raw_train.with_transform(tf), raw_eval.with_transform(tf)
+
+
 def main(argv: list[str] | None = None) -> dict:
     from transformers import HfArgumentParser, Trainer, TrainingArguments, set_seed
 
@@ -299,21 +318,7 @@ def main(argv: list[str] | None = None) -> dict:
     raw_train, raw_eval, labels, kind = load_data(data_args, training_args.seed)
     model = load_model(model_args, labels)
     size, mean, std = model_input_spec(model, model_args.image_size or None)
-    if kind in ("sklearn", "mnist"):
-        from hf_prune.data import load_digits
-
-        train_ds, eval_ds = load_digits(source=kind, image_size=size, channels=3, val_fraction=data_args.val_fraction,
-                                        seed=training_args.seed)
-        if data_args.max_train_samples:
-            train_ds = torch.utils.data.Subset(train_ds, range(min(data_args.max_train_samples, len(train_ds))))
-        if data_args.max_eval_samples:
-            eval_ds = torch.utils.data.Subset(eval_ds, range(min(data_args.max_eval_samples, len(eval_ds))))
-    else:
-        feature = raw_train.features["__label"]
-        index = None if hasattr(feature, "names") else {lab: i for i, lab in enumerate(labels)}
-        tf = image_transform(size, mean, std, index)
-        train_ds, eval_ds = raw_train.with_transform(tf), raw_eval.with_transform(tf)
-        training_args.remove_unused_columns = False  # the transform needs the raw columns
+    train_ds, eval_ds = build_datasets(kind, raw_train, raw_eval, labels, size, mean, std, data_args, training_args)
 
     callback = DepGraphCallback(
         target_macs=prune_args.target_macs, sparsity=prune_args.sparsity, schedule=prune_args.schedule,

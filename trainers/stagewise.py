@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from prune_finetune import (DataArguments, ModelArguments, load_data, load_model,  # noqa: E402
+from prune_finetune import (DataArguments, ModelArguments, build_datasets, load_data, load_model,  # noqa: E402
                             model_input_spec, split_push_argument)
 
 logger = logging.getLogger("stagewise")
@@ -71,26 +71,6 @@ def builtin_model(name: str, labels: list, image_size: int):
     return T.ConvNextForImageClassification(cfg)
 
 
-def datasets_for(kind, raw_train, raw_eval, labels, size, mean, std, data_args, training_args):
-    if kind in ("sklearn", "mnist"):
-        from hf_prune.data import load_digits
-
-        train, evalset = load_digits(source=kind, image_size=size, channels=3, val_fraction=data_args.val_fraction,
-                                     seed=training_args.seed)
-        if data_args.max_train_samples:
-            train = torch.utils.data.Subset(train, range(min(data_args.max_train_samples, len(train))))
-        if data_args.max_eval_samples:
-            evalset = torch.utils.data.Subset(evalset, range(min(data_args.max_eval_samples, len(evalset))))
-        return train, evalset
-    from prune_finetune import image_transform
-
-    feature = raw_train.features["__label"]
-    index = None if hasattr(feature, "names") else {lab: i for i, lab in enumerate(labels)}
-    tf = image_transform(size, mean, std, index)
-    training_args.remove_unused_columns = False
-    return raw_train.with_transform(tf), raw_eval.with_transform(tf)
-
-
 def main(argv: list[str] | None = None) -> dict:
     from transformers import HfArgumentParser, Trainer, TrainingArguments, set_seed
 
@@ -113,7 +93,7 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         model = load_model(model_args, labels)
         size, mean, std = model_input_spec(model, model_args.image_size or None)
-    train_ds, eval_ds = datasets_for(kind, raw_train, raw_eval, labels, size, mean, std, data_args, training_args)
+    train_ds, eval_ds = build_datasets(kind, raw_train, raw_eval, labels, size, mean, std, data_args, training_args)
 
     if sp.dense_steps:
         dense_args = replace(training_args, max_steps=sp.dense_steps, output_dir=str(Path(training_args.output_dir)
