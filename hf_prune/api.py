@@ -7,19 +7,16 @@ read a width the trace cannot see are found by that check, kept whole, and pruni
 """
 from __future__ import annotations
 
-import warnings
-
 from torch import nn
 
 from .errors import PruningError
-from .pruner import StructuredPruner, _BrokenForward, compact
+from .pruner import StructuredPruner, compact, with_repairs
 
 __all__ = ["prune", "compact", "PruningError"]
 
 STRUCTURED_METHODS = ("depgraph",)
 WEIGHT_METHODS = ("rd", "ovit", "magnitude")
 PRUNE_RECORD = "hf_prune_record"  # model attribute: method, settings and before/after counts
-MAX_REPAIRS = 6
 
 
 def _prune_weights(model, method, sparsity, calib, example_inputs, ignored_layers, loss_fn, options):
@@ -85,33 +82,6 @@ def _taylor_gradients(model, calib, loss_fn, max_batches=8):
         model.train(was_training)
 
 
-_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
-
-
-def _role(model: nn.Module, name: str) -> tuple:
-    """(layer type, type of the outermost block holding it, path inside that block, indices as '#').
-
-    A layer that breaks the forward pass usually does so because of how its block uses it (a width
-    stored in the block, a split of fixed size), so the same layer at the same place in every other
-    instance of that block breaks alike, while the same layer type elsewhere is fine. The outermost
-    block (below the model and its containers) makes "the same place" as specific as possible.
-    """
-    parts = name.split(".")
-    for cut in range(1, len(parts)):
-        owner = model.get_submodule(".".join(parts[:cut]))
-        if not isinstance(owner, _CONTAINERS):
-            rel = tuple("#" if p.isdigit() else p for p in parts[cut:])
-            return type(model.get_submodule(name)), type(owner), rel
-    return type(model.get_submodule(name)), None, ()
-
-
-def _same_role(model: nn.Module, culprit: str) -> list[str]:
-    role = _role(model, culprit)
-    if role[1] is None:  # the culprit is itself an outermost block: nothing to generalise from
-        return [culprit]
-    return [n for n, m in model.named_modules() if n and type(m) is role[0] and _role(model, n) == role]
-
-
 def prune(model: nn.Module, method: str = "depgraph", *, example_inputs=None, sparsity=None,
           target_macs=None, importance="l2", mode="global", round_to=8, ignored_layers=(),
           prune_stem=False, compact=True, calib=None, loss_fn=None, blocks=None, num_blocks=None,
@@ -150,42 +120,20 @@ def prune(model: nn.Module, method: str = "depgraph", *, example_inputs=None, sp
                            f"{', '.join(STRUCTURED_METHODS + ('updp', 'stagewise') + WEIGHT_METHODS)}")
     if importance == "taylor":
         _taylor_gradients(model, calib, loss_fn)
-    options = dict(ignored_layers=ignored_layers, prune_stem=prune_stem)
-    frozen: list[str] = []
-    frozen_splits: set[str] = set()
-    for repairs in range(MAX_REPAIRS + 1):
-        try:
-            pruner = StructuredPruner(model, example_inputs, importance=importance, mode=mode, round_to=round_to,
-                                      frozen_modules=frozen, frozen_splits=frozen_splits, **options)
-            pruner.step(sparsity=sparsity, target_macs=target_macs, compacted=compact)
-            stats = pruner.stats()
-            model.__dict__[PRUNE_RECORD] = {
-                "method": method,
-                "settings": {"target_macs": target_macs, "sparsity": sparsity, "importance": importance,
-                             "mode": mode, "round_to": round_to, "prune_stem": prune_stem},
-                "stats": {"params_before": pruner.dense_params, "params_after": stats["params"],
-                          "macs_before": pruner.dense_macs, "macs_after": stats["macs"],
-                          "macs_batch_size": _batch_size(example_inputs)},
-            }
-            return model
-        except _BrokenForward as exc:
-            # A layer read a width the trace cannot see: a split of sizes stored in an enclosing block,
-            # or a head size computed as C // num_heads. First keep the inputs of the splits in the
-            # enclosing blocks whole; if there are none (or that did not help), keep the layer whole
-            # wherever it plays the same role.
-            culprit = exc.args[0]
-            peers = _same_role(model, culprit) if culprit else []
-            enclosing = {n.rsplit(".", k)[0] for n in peers for k in range(1, n.count(".") + 1)} | set(peers)
-            splits = enclosing & {m for m, _ in pruner.graph.trace.splits} - frozen_splits
-            if not culprit or repairs == MAX_REPAIRS or (culprit in frozen and not splits):
-                raise PruningError(f"pruning failed and the model was restored: {exc.__cause__!r} in "
-                                   f"module '{culprit}'. That layer reads a width the trace cannot see; "
-                                   "pass it in ignored_layers or use a smaller target.") from exc.__cause__
-            warnings.warn(f"pruning '{culprit}' broke the forward pass ({exc.__cause__!r}); "
-                          f"keeping {'the inputs of splits around it' if splits else 'that layer'} whole and "
-                          "retrying", stacklevel=2)
-            if splits:
-                frozen_splits |= splits
-            else:
-                frozen.extend(peers)
-    raise AssertionError("unreachable")
+    def build(frozen_modules, frozen_splits):
+        return StructuredPruner(model, example_inputs, importance=importance, mode=mode, round_to=round_to,
+                                ignored_layers=ignored_layers, prune_stem=prune_stem,
+                                frozen_modules=frozen_modules, frozen_splits=frozen_splits)
+
+    pruner = with_repairs(model, build, lambda p: p.step(sparsity=sparsity, target_macs=target_macs,
+                                                          compacted=compact))
+    stats = pruner.stats()
+    model.__dict__[PRUNE_RECORD] = {
+        "method": method,
+        "settings": {"target_macs": target_macs, "sparsity": sparsity, "importance": importance,
+                     "mode": mode, "round_to": round_to, "prune_stem": prune_stem},
+        "stats": {"params_before": pruner.dense_params, "params_after": stats["params"],
+                  "macs_before": pruner.dense_macs, "macs_after": stats["macs"],
+                  "macs_batch_size": _batch_size(example_inputs)},
+    }
+    return model

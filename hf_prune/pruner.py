@@ -7,6 +7,8 @@ one-shot :func:`hf_prune.prune` and the training callbacks are both built on it.
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
@@ -76,6 +78,70 @@ def build_graph(model: nn.Module, example_inputs, **options) -> DependencyGraph:
     finally:
         for h in handles:
             h.remove()
+
+
+MAX_REPAIRS = 6
+_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+
+
+def _role(model: nn.Module, name: str) -> tuple:
+    """(layer type, type of the outermost block holding it, path inside that block, indices as '#').
+
+    A layer that breaks the forward pass usually does so because of how its block uses it (a width
+    stored in the block, a split of fixed size), so the same layer at the same place in every other
+    instance of that block breaks alike, while the same layer type elsewhere is fine. The outermost
+    block (below the model and its containers) makes "the same place" as specific as possible.
+    """
+    parts = name.split(".")
+    for cut in range(1, len(parts)):
+        owner = model.get_submodule(".".join(parts[:cut]))
+        if not isinstance(owner, _CONTAINERS):
+            rel = tuple("#" if p.isdigit() else p for p in parts[cut:])
+            return type(model.get_submodule(name)), type(owner), rel
+    return type(model.get_submodule(name)), None, ()
+
+
+def _same_role(model: nn.Module, culprit: str) -> list[str]:
+    role = _role(model, culprit)
+    if role[1] is None:  # the culprit is itself an outermost block: nothing to generalise from
+        return [culprit]
+    return [n for n, m in model.named_modules() if n and type(m) is role[0] and _role(model, n) == role]
+
+
+def with_repairs(model: nn.Module, build, attempt, *, what: str = "pruning"):
+    """``attempt(build(frozen_modules, frozen_splits))`` until the compacted model runs; returns the pruner.
+
+    ``build`` makes a :class:`StructuredPruner`; ``attempt`` masks or compacts with it and raises
+    :class:`_BrokenForward` (through :meth:`StructuredPruner.apply`) when a layer reads a width the
+    trace cannot see: a split of sizes stored in an enclosing block, or a head size computed as
+    ``C // num_heads``. First the inputs of the splits in the enclosing blocks are kept whole; if
+    there are none (or that did not help), the layer is kept whole wherever it plays the same role.
+    Every method that picks units goes through here, so the repairs are the same everywhere.
+    """
+    frozen: list[str] = []
+    frozen_splits: set[str] = set()
+    for repairs in range(MAX_REPAIRS + 1):
+        pruner = build(frozen, frozen_splits)
+        try:
+            attempt(pruner)
+            return pruner
+        except _BrokenForward as exc:
+            culprit = exc.args[0]
+            peers = _same_role(model, culprit) if culprit else []
+            enclosing = {n.rsplit(".", k)[0] for n in peers for k in range(1, n.count(".") + 1)} | set(peers)
+            splits = enclosing & {m for m, _ in pruner.graph.trace.splits} - frozen_splits
+            if not culprit or repairs == MAX_REPAIRS or (culprit in frozen and not splits):
+                raise PruningError(f"{what} failed and the model was restored: {exc.__cause__!r} in "
+                                   f"module '{culprit}'. That layer reads a width the trace cannot see; "
+                                   "pass it in ignored_layers or use a smaller target.") from exc.__cause__
+            warnings.warn(f"{what} '{culprit}' broke the forward pass ({exc.__cause__!r}); "
+                          f"keeping {'the inputs of splits around it' if splits else 'that layer'} whole and "
+                          "retrying", stacklevel=3)
+            if splits:
+                frozen_splits |= splits
+            else:
+                frozen.extend(peers)
+    raise AssertionError("unreachable")
 
 
 class StructuredPruner:

@@ -59,7 +59,6 @@ import hashlib
 import math
 import re
 import time
-import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -76,7 +75,6 @@ __all__ = ["Stage", "WidthSpace", "Supernet", "SearchResult", "find_stages", "ev
 
 DEFAULT_RATIOS = tuple(0.25 + 0.125 * i for i in range(7))  # 0.25, 0.375, ..., 1.0
 SUPERVISIONS = ("stage", "logits")
-MAX_REPAIRS = 4
 _LABEL_KEYS = ("labels", "label", "label_ids")
 _BLOCK_LISTS = ("blocks", "layer", "layers")
 
@@ -306,32 +304,24 @@ class Supernet:
     def _build(self, example_inputs, ratios, round_to, importance, orders, ignored_layers, prune_stem) -> None:
         """Trace, order and check that the smallest subnet compacts; layers that read a width the trace
         cannot see (found by that check) are kept whole and the graph is rebuilt, as hf_prune.prune does."""
-        from ..pruner import _BrokenForward
+        from ..pruner import with_repairs
 
-        frozen: list = []
-        for _ in range(MAX_REPAIRS + 1):
-            self.pruner, self._planes = self._trace(self.model, example_inputs, ignored_layers, prune_stem, frozen)
+        def build(frozen, frozen_splits):
+            self.pruner, self._planes = self._trace(self.model, example_inputs, ignored_layers, prune_stem, frozen,
+                                                    frozen_splits)
             self.graph = self.pruner.graph
             self.space = WidthSpace(self.graph, self._orders(importance, orders), ratios, round_to)
-            try:
-                _copy_pruner(self.pruner, None).apply(self.space.removed(self.space.min_choice()))
-                break
-            except _BrokenForward as exc:
-                culprit = exc.args[0]
-                if not culprit or culprit in frozen or len(frozen) >= MAX_REPAIRS:
-                    raise PruningError(f"the smallest subnet does not run ({exc.__cause__!r} in module '{culprit}'): "
-                                       "that layer reads a width the trace cannot see; pass it in ignored_layers"
-                                       ) from exc.__cause__
-                warnings.warn(f"narrowing '{culprit}' broke the forward pass ({exc.__cause__!r}); keeping layers of "
-                              "its class whole", stacklevel=3)
-                kind = type(self.model.get_submodule(culprit))
-                frozen.extend(n for n, m in self.model.named_modules() if type(m) is kind)
+            return self.pruner
+
+        with_repairs(self.model, build,
+                     lambda pruner: _copy_pruner(pruner, None).apply(self.space.removed(self.space.min_choice())),
+                     what="narrowing")
         self.dense_macs = self.graph.macs()
         self.dense_params = self.graph.params()
         self.group_stage = self._group_stages()
         self._param_members = self._members_by_param()
 
-    def _trace(self, model, example_inputs, ignored_layers, prune_stem, frozen):
+    def _trace(self, model, example_inputs, ignored_layers, prune_stem, frozen, frozen_splits):
         """Build the pruner; while it traces, record the channel labels of every stage's input and output.
 
         The tracer labels every activation with its channels' union-find ids but has no public hook
@@ -364,7 +354,8 @@ class Supernet:
             handles.append(model.get_submodule(stage.last).register_forward_hook(post))
         try:
             pruner = StructuredPruner(model, example_inputs, importance="l2", round_to=None,
-                                      ignored_layers=ignored_layers, prune_stem=prune_stem, frozen_modules=frozen)
+                                      ignored_layers=ignored_layers, prune_stem=prune_stem, frozen_modules=frozen,
+                                      frozen_splits=frozen_splits)
         finally:
             for h in handles:
                 h.remove()
