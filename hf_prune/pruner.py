@@ -15,13 +15,18 @@ from torch import nn
 from .allocation import allocate
 from .errors import CompactionError, PruningError
 from .graph import DependencyGraph, split_inputs
+from .graph.shape_only import NeedsValues, ShapeOnly
 from .importance import normalized_scores, unit_scores
 from .masks import StructuredMask, get_mask, set_mask
 from .surgery import compact_units
 
 
-def _run(model: nn.Module, example_inputs):
-    """Run the model; on failure raise :class:`_BrokenForward` naming the innermost failing module."""
+def _run(model: nn.Module, example_inputs) -> None:
+    """Check that the model runs; on failure raise :class:`_BrokenForward` naming the innermost failing module.
+
+    Shapes are what a compaction can break, so the pass first skips the heavy ops' compute (see
+    :mod:`hf_prune.graph.shape_only`); where that pass stops or fails, a real forward decides.
+    """
     args, kwargs = split_inputs(example_inputs)
     stack: list[str] = []
     names = {id(m): n for n, m in model.named_modules()}
@@ -38,7 +43,13 @@ def _run(model: nn.Module, example_inputs):
     model.eval()
     try:
         with torch.no_grad():
-            return model(*args, **kwargs)
+            try:
+                with ShapeOnly():
+                    model(*args, **kwargs)
+                return
+            except (NeedsValues, Exception):  # only a real forward decides that the model is broken
+                stack.clear()
+            model(*args, **kwargs)
     except Exception as exc:
         raise _BrokenForward(stack[-1] if stack else "") from exc
     finally:

@@ -12,36 +12,42 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 _I64 = torch.int64
 
 
 class UnionFind:
-    """Vectorised union-find over non-negative integer labels (0 is a fixed, isolated label)."""
+    """Vectorised union-find over non-negative integer labels (0 is a fixed, isolated label).
+
+    Takes and returns torch tensors; the parent array lives in numpy because a trace makes thousands
+    of small gathers and scatters, where numpy's per-call overhead is several times lower.
+    """
 
     def __init__(self, capacity: int = 1 << 16):
-        self.parent = torch.arange(capacity, dtype=_I64)
+        self.parent = np.arange(capacity, dtype=np.int64)
         self.size = 1  # label 0 is reserved
 
     def fresh(self, n: int) -> torch.Tensor:
         """Allocate ``n`` new labels, each in a set of its own."""
         start = self.size
         need = start + n
-        if need > self.parent.numel():
-            cap = max(need, 2 * self.parent.numel())
-            grown = torch.arange(cap, dtype=_I64)
-            grown[: self.parent.numel()] = self.parent
+        if need > self.parent.size:
+            grown = np.arange(max(need, 2 * self.parent.size), dtype=np.int64)
+            grown[: self.parent.size] = self.parent
             self.parent = grown
         self.size = need
         return torch.arange(start, need, dtype=_I64)
 
     def find(self, labels: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self._find(_flat(labels))).view(labels.shape)
+
+    def _find(self, roots: np.ndarray) -> np.ndarray:
         parent = self.parent
-        roots = labels
         while True:
             up = parent[roots]
-            if torch.equal(up, roots):
+            if np.array_equal(up, roots):
                 return up
             parent[roots] = parent[up]  # path halving keeps later finds short
             roots = up
@@ -49,23 +55,24 @@ class UnionFind:
     def union(self, a: torch.Tensor, b: torch.Tensor) -> None:
         """Unite labels elementwise after broadcasting; pairs with a 0 on either side are skipped."""
         a, b = torch.broadcast_tensors(a, b)
-        a, b = a.reshape(-1), b.reshape(-1)
+        a, b = _flat(a), _flat(b)
         keep = (a != 0) & (b != 0) & (a != b)
-        if not bool(keep.any()):
+        if not keep.any():
             return
         a, b = a[keep], b[keep]
-        if a.numel() > 64:
+        if a.size > 64:
             # unique pairs through a single int64 key (labels stay far below 2**31)
-            key = torch.unique(a * (1 << 31) + b)
-            a, b = key // (1 << 31), key % (1 << 31)
-        while a.numel():
-            ra, rb = self.find(a), self.find(b)
+            key = np.sort(a * (1 << 31) + b)
+            key = key[np.concatenate(([True], key[1:] != key[:-1]))]
+            a, b = key >> 31, key & ((1 << 31) - 1)
+        while a.size:
+            ra, rb = self._find(a), self._find(b)
             differ = ra != rb
-            if not bool(differ.any()):
+            if not differ.any():
                 return
             ra, rb, a, b = ra[differ], rb[differ], a[differ], b[differ]
             # Each root links to the smallest root it meets this round; chains resolve next round.
-            self.parent.scatter_reduce_(0, torch.maximum(ra, rb), torch.minimum(ra, rb), reduce="amin")
+            np.minimum.at(self.parent, np.maximum(ra, rb), np.minimum(ra, rb))
 
     def union_all(self, labels: torch.Tensor) -> None:
         """Unite every non-zero label in ``labels`` into one set."""
@@ -73,6 +80,10 @@ class UnionFind:
         flat = flat[flat != 0]
         if flat.numel() > 1:
             self.union(flat[:1].expand_as(flat), flat)
+
+
+def _flat(labels: torch.Tensor) -> np.ndarray:
+    return labels.reshape(-1).numpy()
 
 
 def compress(plane: torch.Tensor) -> torch.Tensor:

@@ -22,11 +22,11 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils._pytree import tree_map
 
 from ..utils import caller_threads
 from .labels import Labels, Pins, UnionFind, compress, reshape_plane, varying_dims, zeros_plane
+from .shape_only import HEAVY, NeedsValues, ShapeOnly, op_name, tensors_of
 
 aten = torch.ops.aten
 
@@ -124,12 +124,7 @@ def _is_float(t) -> bool:
     return isinstance(t, torch.Tensor) and t.is_floating_point()
 
 
-def _tensors(tree) -> list:
-    return [t for t in tree_flatten(tree)[0] if isinstance(t, torch.Tensor)]
-
-
-def _op_name(func) -> str:
-    return func.overloadpacket.__name__
+_tensors = tensors_of
 
 
 def _fit(plane: torch.Tensor | None, ndim: int) -> torch.Tensor | None:
@@ -148,11 +143,15 @@ def _along(vec: torch.Tensor, ndim: int, axis: int) -> torch.Tensor:
     return vec.reshape(shape)
 
 
-class Tracer(TorchDispatchMode):
-    """Runs one forward pass and propagates labels; see the module docstring."""
+class Tracer(ShapeOnly):
+    """Runs one forward pass and propagates labels; see the module docstring.
 
-    def __init__(self, model: nn.Module):
-        super().__init__()
+    With ``values=False`` the model's matmuls and convolutions are not computed (see
+    :mod:`hf_prune.graph.shape_only`): the labels depend on shapes and indices only.
+    """
+
+    def __init__(self, model: nn.Module, values: bool = False):
+        super().__init__(values)
         self.model = model
         self.uf = UnionFind()
         self.pins = Pins()
@@ -275,12 +274,12 @@ class Tracer(TorchDispatchMode):
     # ------------------------------------------------------------------ dispatch
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        name = _op_name(func)
-        if name in _HEAVY or name in _SDPA:
+        name = op_name(func)
+        if name in HEAVY or name in _SDPA:
             with caller_threads():
-                out = func(*args, **kwargs)
+                out = self.run_op(func, name, args, kwargs)
         else:
-            out = func(*args, **kwargs)
+            out = self.run_op(func, name, args, kwargs)
         try:
             self._propagate(func, name, args, kwargs, out)
         except Exception as exc:  # an op we could not follow: forbid pruning what it touched
@@ -732,9 +731,6 @@ def _looks_like_norm(module: nn.Module) -> bool:
 _SPLITS = {"split", "split_with_sizes", "unsafe_split", "unsafe_split_with_sizes", "_unsafe_split",
            "split_copy", "split_with_sizes_copy", "tensor_split"}
 
-# The model's own compute: run with the caller's threads even inside the engine's single-threaded block.
-_HEAVY = {"mm", "addmm", "bmm", "baddbmm", "linear", "convolution", "_convolution", "mkldnn_convolution"}
-
 _RULES = {
     "mm": Tracer._mm,
     "addmm": Tracer._addmm,
@@ -750,8 +746,20 @@ _RULES = {
 
 
 def trace(model: nn.Module, example_inputs) -> Trace:
-    """Trace ``model`` on ``example_inputs`` (tensor, tuple of tensors, or dict of keyword args)."""
-    tracer = Tracer(model)
+    """Trace ``model`` on ``example_inputs`` (tensor, tuple of tensors, or dict of keyword args).
+
+    The pass skips the heavy ops' compute; a model whose shapes or control flow depend on those
+    values (:class:`NeedsValues`), or that fails in that pass, is traced again with real compute,
+    so what the trace sees, and any error it raises, are those of a real forward.
+    """
+    try:
+        return _trace(model, example_inputs, values=False)
+    except (NeedsValues, Exception):
+        return _trace(model, example_inputs, values=True)
+
+
+def _trace(model: nn.Module, example_inputs, values: bool) -> Trace:
+    tracer = Tracer(model, values)
     args, kwargs = split_inputs(example_inputs)
     tracer.label_inputs(_tensors((args, kwargs)))
 
