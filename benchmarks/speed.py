@@ -13,8 +13,10 @@ ViT-Base (``ViTForImageClassification(ViTConfig())``, ViT-B/16 224). Variants pe
 * ``torch_pruning_r8`` — the same with ``round_to=8`` (only with ``--variants``)
 
 CPU: batch 1 and batch 32, fp32, eval + inference_mode; variants timed round-robin (each round runs
-every variant once) and the median per variant is reported. GPU (only when CUDA is available):
-batch 256, bf16 autocast, channels_last for CNNs, CUDA synchronised around each pass.
+every variant once) and the median per variant is reported. CNNs are timed twice on CPU: in the
+default NCHW layout and in channels_last (model and input), the layout PyTorch recommends for CNN
+inference on CPU; both layouts are reported. GPU (only when CUDA is available): batch 256, bf16
+autocast, channels_last for CNNs, CUDA synchronised around each pass.
 
 efficiency = speed-up × (pruned MACs / dense MACs): 1.0 means the speed-up is fully proportional to
 the MACs removed; the goal is >= 0.8.
@@ -138,20 +140,29 @@ def bench_model(name: str, variants: list[str], args, log) -> list[dict]:
             row["traceback"] = traceback.format_exc(limit=-6).replace(os.getcwd() + os.sep, "")
             log(f"  {kind}: FAILED {row['error']}")
 
-    time_variants(name, models, rows, x, args, log)
+    time_variants(name, models, rows, x, args, log, channels_last=name in CNNS and not args.no_channels_last)
     return [rows[k] for k in variants]
 
 
-def time_variants(name: str, models: dict, rows: dict, x, args, log) -> None:
+CPU_SETTINGS = ["cpu_b1", "cpu_b32", "cpu_b1_cl", "cpu_b32_cl"]
+
+
+def time_variants(name: str, models: dict, rows: dict, x, args, log, channels_last: bool = False) -> None:
     """Time every model of ``models`` round-robin (CPU b1 / b32, GPU when present) and write latency,
-    speed-up vs ``rows["dense"]`` and efficiency (speed-up x MACs ratio) into ``rows[variant]``."""
-    settings = [("cpu_b1", 1, args.warmup, args.iters), ("cpu_b32", 32, args.warmup32, args.iters32)]
-    for key, batch, warmup, iters in settings:
+    speed-up vs ``rows["dense"]`` and efficiency (speed-up x MACs ratio) into ``rows[variant]``.
+    ``channels_last`` adds CPU timings with models and inputs in that layout (keys ``*_cl``)."""
+    settings = [("cpu_b1", 1, args.warmup, args.iters, False), ("cpu_b32", 32, args.warmup32, args.iters32, False)]
+    if channels_last:
+        settings += [("cpu_b1_cl", 1, args.warmup, args.iters, True),
+                     ("cpu_b32_cl", 32, args.warmup32, args.iters32, True)]
+    for key, batch, warmup, iters, cl in settings:
         if iters <= 0:
             continue
-        xb = with_batch(x, batch)
+        xb = with_batch(x, batch, channels_last=cl)
+        timed = {k: copy.deepcopy(m).to(memory_format=torch.channels_last) if cl else m for k, m in models.items()}
         t0 = time.perf_counter()
-        times = time_interleaved({k: (m, xb) for k, m in models.items()}, warmup=warmup, iters=iters)
+        times = time_interleaved({k: (m, xb) for k, m in timed.items()}, warmup=warmup, iters=iters)
+        del timed
         log(f"  {key}: {time.perf_counter() - t0:.0f} s")
         for k, ts in times.items():
             rows[k][f"{key}_ms"] = median(ts)
@@ -177,7 +188,7 @@ def time_variants(name: str, models: dict, rows: dict, x, args, log) -> None:
 
     dense = rows["dense"]
     for r in rows.values():
-        for key in ("cpu_b1", "cpu_b32", "gpu"):
+        for key in CPU_SETTINGS + ["gpu"]:
             if r.get(f"{key}_ms") and dense.get(f"{key}_ms"):
                 r[f"{key}_speedup"] = dense[f"{key}_ms"] / r[f"{key}_ms"]
                 r[f"{key}_efficiency"] = r[f"{key}_speedup"] * r["macs_ratio"]
@@ -196,7 +207,9 @@ def render(rows: list[dict], info: dict, args) -> str:
         "FlopCounterMode misses on CPU)",
         f"CPU latency: fp32, eval, `torch.inference_mode`, median of {args.iters} passes at batch 1 "
         f"(after {args.warmup} warm-up) and of {args.iters32} at batch 32 (after {args.warmup32}); "
-        "variants timed round-robin in the same process",
+        "variants timed round-robin in the same process; CNNs (convnext_tiny, resnet50) are timed in NCHW "
+        "(first table) and again in channels_last (second table, model and input converted, as PyTorch "
+        "recommends for CNN inference on CPU)",
         "speed-up = dense latency / variant latency (same process, same run); "
         "efficiency = speed-up × MACs ratio (1.0 = proportional to MACs; goal ≥ 0.8)",
         "aligned8: fraction of Conv/Linear layers whose widths are multiples of 8",
@@ -207,7 +220,15 @@ def render(rows: list[dict], info: dict, args) -> str:
     else:
         notes.append("GPU: not available on this machine, not measured")
     out = [header_md("Speed: dense vs ~50% MACs pruned", info, notes), "\n"]
-    settings = [("cpu_b1", "CPU batch 1"), ("cpu_b32", "CPU batch 32"), ("gpu", "GPU batch 256 bf16")]
+    out.append(_table(rows, [("cpu_b1", "CPU batch 1"), ("cpu_b32", "CPU batch 32"), ("gpu", "GPU batch 256 bf16")]))
+    cl_rows = [r for r in rows if r.get("cpu_b1_cl_ms") or r.get("cpu_b32_cl_ms")]
+    if cl_rows:
+        out.append("\n### CNNs on CPU in channels_last (model and input)\n\n")
+        out.append(_table(cl_rows, [("cpu_b1_cl", "CPU batch 1"), ("cpu_b32_cl", "CPU batch 32")]))
+    return "".join(out)
+
+
+def _table(rows: list[dict], settings: list[tuple]) -> str:
     settings = [s for s in settings if any(r.get(f"{s[0]}_ms") for r in rows)]
     cols = ["model", "variant", "MACs ratio", "params ratio", "aligned8"]
     for key, label in settings:
@@ -222,8 +243,7 @@ def render(rows: list[dict], info: dict, args) -> str:
                      _f(r.get(f"{key}_speedup"), 2, "×"), _f(r.get(f"{key}_efficiency"), 2)]
         line.append(r.get("error", ""))
         table.append(line)
-    out.append(md_table(cols, table))
-    return "".join(out)
+    return md_table(cols, table)
 
 
 def _f(v, digits, suffix=""):
@@ -245,6 +265,7 @@ def main(argv=None):
     ap.add_argument("--gpu-warmup", type=int, default=10)
     ap.add_argument("--target-macs", type=float, default=0.5)
     ap.add_argument("--tp-ratio", type=float, default=0.3, help="Torch-Pruning pruning_ratio (0.3 ≈ 50%% MACs)")
+    ap.add_argument("--no-channels-last", action="store_true", help="time CNNs on CPU in NCHW only")
     ap.add_argument("--quick", action="store_true", help="resnet50 + deit_small, few iterations")
     ap.add_argument("--out", default=None, help="stem of the result files (default speed_cpu / speed_gpu)")
     args = ap.parse_args(argv)
