@@ -8,7 +8,7 @@ This module owns every number that hf_prune reports about a model's size and spe
   counted by :class:`torch.utils.flop_counter.FlopCounterMode` (``flops // 2``);
 * ``latency_ms`` — the median wall-clock time of timed forward passes after warm-up.
 
-MACs are not speed (DESIGN.md, principle 5): reports always put the measured latency beside them,
+MACs are not speed: reports always put the measured latency beside them,
 and :func:`compare` states the speed-up as a ratio of latencies measured in the same process.
 
 Inputs may be a tensor (``model(x)``), a tuple/list of tensors (``model(*xs)``) or a mapping of

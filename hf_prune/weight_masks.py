@@ -544,8 +544,8 @@ def to_semi_structured(model: nn.Module, layers: Iterable[str] | None = None, *,
     weights are cast). **Raises** :class:`PruningError` on a machine without CUDA — there is no CPU
     kernel, so this cannot run on CPU, and this project's CI never calls it. Eligible: Linear
     layers (``layers``, default all) whose weight is on CUDA, already satisfies 2:4 along the input
-    dimension and has both dimensions multiples of 64 (the kernels' minimum tile). Note: measured on
-    an H100, 2:4 sparse matmuls in whole ViTs ran *slower* than dense (see ``anchors/``); measure.
+    dimension and has both dimensions multiples of 64 (the kernels' minimum tile). Note: in reference
+    measurements on an H100, 2:4 sparse matmuls in whole ViTs ran *slower* than dense; measure.
     """
     if not torch.cuda.is_available():
         raise PruningError("to_semi_structured needs a CUDA GPU (torch.sparse.to_sparse_semi_structured has no "
