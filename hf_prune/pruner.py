@@ -159,7 +159,7 @@ class StructuredPruner:
     """Masks that grow step by step on one dependency graph; ``compact`` ends it."""
 
     def __init__(self, model: nn.Module, example_inputs, *, importance="l2", mode="global", round_to=8,
-                 ignored_layers=(), prune_stem=False, frozen_modules=(), frozen_splits=()):
+                 ignored_layers=(), prune_stem=False, frozen_modules=(), frozen_splits=(), watch=()):
         if get_mask(model) is not None:
             raise PruningError("this model already carries masks from an earlier prune(..., compact=False); "
                                "call hf_prune.compact(model) first")
@@ -168,7 +168,7 @@ class StructuredPruner:
         self.importance, self.mode, self.round_to = importance, mode, round_to
         self.graph = build_graph(model, example_inputs, ignored_layers=ignored_layers,
                                  prune_stem=prune_stem, frozen_modules=frozen_modules,
-                                 frozen_splits=frozen_splits)
+                                 frozen_splits=frozen_splits, watch=watch)
         self.removed = torch.zeros(0, dtype=torch.int64)
         self.dense_macs = self.graph.macs()
         self.dense_params = self.graph.params()

@@ -505,3 +505,14 @@ def test_transformers_config_follows_uniform_widths():
     assert cfg.hidden_size == model.classifier.in_features == layers[0].attention.q_proj.in_features
     assert cfg.num_attention_heads == layers[0].attention.num_attention_heads < 6
     assert cfg.intermediate_size == layers[0].mlp.fc1.out_features < 192
+
+
+def test_traced_labels_of_watched_modules_name_their_channels():
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    g = DependencyGraph(model, torch.randn(3, 8), watch=["2"])
+    uf, params = g.trace.uf, g.trace.params
+    into, out = g.trace.watched["2"]
+    hidden = uf.find(params["0.weight"].dims[0].reshape(-1))
+    assert torch.equal(uf.find(into).reshape(-1), hidden)
+    assert torch.equal(uf.find(params["2.weight"].dims[1].reshape(-1)), hidden)
+    assert torch.equal(uf.find(out).reshape(-1), uf.find(params["2.weight"].dims[0].reshape(-1)))

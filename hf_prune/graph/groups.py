@@ -52,9 +52,9 @@ class DependencyGraph:
 
     @single_threaded_fn
     def __init__(self, model: nn.Module, example_inputs, *, ignored_layers=(), prune_stem=False,
-                 prune_heads=True, frozen_modules=(), frozen_splits=()):
+                 prune_heads=True, frozen_modules=(), frozen_splits=(), watch=()):
         self.model = model
-        self.trace: Trace = trace(model, example_inputs)
+        self.trace: Trace = trace(model, example_inputs, watch)
         uf = self.trace.uf
         self._resolve_elementwise()
         self.roots = uf.find(torch.arange(uf.size))

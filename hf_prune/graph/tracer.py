@@ -74,6 +74,9 @@ class Trace:
     unknown: list  # (op, module) pairs that pinned labels
     output_shapes: list
     splits: list = field(default_factory=list)  # (module, element labels of the input) per split op
+    # module name -> element labels of its first input and first output (None: no channel identity);
+    # later unions may merge them, so resolve with uf.find once the graph is built
+    watched: dict = field(default_factory=dict)
 
 
 _CREATION = {
@@ -745,20 +748,23 @@ _RULES = {
 }
 
 
-def trace(model: nn.Module, example_inputs) -> Trace:
+def trace(model: nn.Module, example_inputs, watch=()) -> Trace:
     """Trace ``model`` on ``example_inputs`` (tensor, tuple of tensors, or dict of keyword args).
+
+    ``watch`` names modules whose first input and output tensors' element labels go into
+    ``Trace.watched``: which channels flow in and out of them.
 
     The pass skips the heavy ops' compute; a model whose shapes or control flow depend on those
     values (:class:`NeedsValues`), or that fails in that pass, is traced again with real compute,
     so what the trace sees, and any error it raises, are those of a real forward.
     """
     try:
-        return _trace(model, example_inputs, values=False)
+        return _trace(model, example_inputs, values=False, watch=watch)
     except (NeedsValues, Exception):
-        return _trace(model, example_inputs, values=True)
+        return _trace(model, example_inputs, values=True, watch=watch)
 
 
-def _trace(model: nn.Module, example_inputs, values: bool) -> Trace:
+def _trace(model: nn.Module, example_inputs, values: bool, watch=()) -> Trace:
     tracer = Tracer(model, values)
     args, kwargs = split_inputs(example_inputs)
     tracer.label_inputs(_tensors((args, kwargs)))
@@ -773,6 +779,8 @@ def _trace(model: nn.Module, example_inputs, values: bool) -> Trace:
     hooks = [nn.modules.module.register_module_forward_pre_hook(push),
              nn.modules.module.register_module_forward_hook(pop, always_call=True)]
     hooks += _slow_path_hooks(model)
+    seen: dict = {}
+    hooks += _watch_hooks(model, watch, tracer, seen)
     was_training = model.training
     model.eval()
     try:
@@ -784,8 +792,31 @@ def _trace(model: nn.Module, example_inputs, values: bool) -> Trace:
         model.train(was_training)
     outs = _output_tensors(output)
     tracer.pin_outputs(outs)
+    watched = {name: seen.get(name, (None, None)) for name in watch}
     return Trace(tracer.uf, tracer.params, tracer.aliases, tracer.pins, tracer.macs, tracer.lanes,
-                 tracer.norms, tracer.unknown, [tuple(t.shape) for t in outs], tracer.splits)
+                 tracer.norms, tracer.unknown, [tuple(t.shape) for t in outs], tracer.splits, watched)
+
+
+def _watch_hooks(model: nn.Module, watch, tracer: "Tracer", seen: dict) -> list:
+    """Record the element labels of the first input and output tensor of every module in ``watch``."""
+    def labels(tree):
+        found = tensors_of(tree)
+        lab = tracer._get(found[0]) if found else None
+        return None if lab is None else lab.elem
+
+    hooks = []
+    for name in watch:
+        module = model.get_submodule(name)
+
+        def pre(_m, args, kwargs, name=name):
+            seen[name] = (labels((args, kwargs)), None)
+
+        def post(_m, _args, out, name=name):
+            seen[name] = (seen.get(name, (None, None))[0], labels(out))
+
+        hooks.append(module.register_forward_pre_hook(pre, with_kwargs=True))
+        hooks.append(module.register_forward_hook(post))
+    return hooks
 
 
 def _permutation(name: str, args) -> tuple | None:

@@ -322,45 +322,22 @@ class Supernet:
         self._param_members = self._members_by_param()
 
     def _trace(self, model, example_inputs, ignored_layers, prune_stem, frozen, frozen_splits):
-        """Build the pruner; while it traces, record the channel labels of every stage's input and output.
+        """Build the pruner, with the channel labels of every stage's input and output.
 
-        The tracer labels every activation with its channels' union-find ids but has no public hook
-        for module outputs, so forward hooks on the stage boundaries read the active tracer's table.
         The labels say which channels of a stage's input/output a subnet keeps (to mask the
         teacher's features exactly like the subnet's own)."""
-        from torch.utils._python_dispatch import _get_current_dispatch_mode
-
-        from ..graph.tracer import Tracer
         from ..pruner import StructuredPruner
 
-        planes: dict = {}
-
-        def labels_of(t):
-            mode = _get_current_dispatch_mode()
-            if not isinstance(mode, Tracer) or t is None:
-                return None
-            lab = mode._get(t)
-            return None if lab is None else lab.elem
-
-        handles = []
+        watch = sorted({s.first for s in self.stages} | {s.last for s in self.stages})
+        pruner = StructuredPruner(model, example_inputs, importance="l2", round_to=None,
+                                  ignored_layers=ignored_layers, prune_stem=prune_stem, frozen_modules=frozen,
+                                  frozen_splits=frozen_splits, watch=watch)
+        trace = pruner.graph.trace
+        planes = {}
         for k, stage in enumerate(self.stages):
-            def pre(_m, args, kwargs, k=k):
-                planes[("in", k)] = labels_of(_first_tensor((args, kwargs)))
-
-            def post(_m, _a, out, k=k):
-                planes[("out", k)] = labels_of(_first_tensor(out))
-
-            handles.append(model.get_submodule(stage.first).register_forward_pre_hook(pre, with_kwargs=True))
-            handles.append(model.get_submodule(stage.last).register_forward_hook(post))
-        try:
-            pruner = StructuredPruner(model, example_inputs, importance="l2", round_to=None,
-                                      ignored_layers=ignored_layers, prune_stem=prune_stem, frozen_modules=frozen,
-                                      frozen_splits=frozen_splits)
-        finally:
-            for h in handles:
-                h.remove()
-        uf = pruner.graph.trace.uf
-        return pruner, {key: (None if p is None else uf.find(p)) for key, p in planes.items()}
+            planes[("in", k)] = trace.watched[stage.first][0]
+            planes[("out", k)] = trace.watched[stage.last][1]
+        return pruner, {key: (None if p is None else trace.uf.find(p)) for key, p in planes.items()}
 
     def _orders(self, importance, orders) -> list:
         groups = self.graph.groups
