@@ -11,6 +11,7 @@ from torch import nn
 
 from .errors import PruningError
 from .pruner import StructuredPruner, compact, with_repairs
+from .utils import eval_mode
 
 __all__ = ["prune", "compact", "PruningError"]
 
@@ -64,9 +65,7 @@ def _taylor_gradients(model, calib, loss_fn, max_batches=8):
     if calib is None:
         return
     model.zero_grad(set_to_none=True)
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         for i, batch in enumerate(calib):
             if i >= max_batches:
                 break
@@ -78,8 +77,6 @@ def _taylor_gradients(model, calib, loss_fn, max_batches=8):
             logits = out.logits if hasattr(out, "logits") else out
             loss = loss_fn(logits, labels) if loss_fn else nn.functional.cross_entropy(logits, labels)
             loss.backward()
-    finally:
-        model.train(was_training)
 
 
 def prune(model: nn.Module, method: str = "depgraph", *, example_inputs=None, sparsity=None,

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .utils import logits_of
+from .utils import eval_mode, logits_of
 
 __all__ = ["DigitsSplit", "load_digits", "make_loader", "accuracy", "NUM_CLASSES", "ID2LABEL"]
 
@@ -203,16 +203,11 @@ def accuracy(model: torch.nn.Module, split: DigitsSplit, batch_size: int = 256) 
     the logits.
     """
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    was_training = model.training
-    model.eval()
     correct = 0
-    try:
-        with torch.inference_mode():
-            for start in range(0, len(split), batch_size):
-                x = split.pixel_values[start : start + batch_size].to(device)
-                y = split.labels[start : start + batch_size].to(device)
-                pred = logits_of(model(x)).argmax(dim=-1)
-                correct += int((pred == y).sum().item())
-    finally:
-        model.train(was_training)
+    with eval_mode(model), torch.inference_mode():
+        for start in range(0, len(split), batch_size):
+            x = split.pixel_values[start : start + batch_size].to(device)
+            y = split.labels[start : start + batch_size].to(device)
+            pred = logits_of(model(x)).argmax(dim=-1)
+            correct += int((pred == y).sum().item())
     return correct / max(1, len(split))

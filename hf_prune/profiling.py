@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .utils import model_device
+from .utils import eval_mode, model_device
 
 __all__ = ["ProfileReport", "profile", "compare", "time_model", "count_params", "count_macs"]
 
@@ -135,17 +135,14 @@ def count_macs(model: nn.Module, example_inputs: Any) -> int:
     # cannot see into; switch it off while counting so the same math is counted op by op.
     mha = getattr(torch.backends, "mha", None)
     fastpath = mha.get_fastpath_enabled() if mha is not None else None
-    was_training = model.training
-    model.eval()
     try:
         if mha is not None:
             mha.set_fastpath_enabled(False)
         counter = FlopCounterMode(display=False, custom_mapping=_extra_flop_formulas())
-        with torch.inference_mode(), counter:
+        with eval_mode(model), torch.inference_mode(), counter:
             _forward(model, example_inputs)
         return int(counter.get_total_flops()) // 2
     finally:
-        model.train(was_training)
         if mha is not None:
             mha.set_fastpath_enabled(fastpath)
 
@@ -264,18 +261,16 @@ def profile(
     batch_size = int(first.shape[0]) if first is not None and first.dim() > 0 else 1
 
     moved = target != original_device
-    was_training = model.training
     if moved:
         model.to(target)
     try:
-        model.eval()
-        params, nonzero = count_params(model)
-        macs = count_macs(model, inputs)
-        latency = None
-        if measure_latency:
-            latency = statistics.median(time_model(model, inputs, warmup=warmup, iters=iters))
+        with eval_mode(model):
+            params, nonzero = count_params(model)
+            macs = count_macs(model, inputs)
+            latency = None
+            if measure_latency:
+                latency = statistics.median(time_model(model, inputs, warmup=warmup, iters=iters))
     finally:
-        model.train(was_training)
         if moved:
             model.to(original_device)
 

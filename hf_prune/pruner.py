@@ -19,6 +19,7 @@ from .graph.shape_only import NeedsValues, ShapeOnly
 from .importance import normalized_scores, unit_scores
 from .masks import StructuredMask, get_mask, set_mask
 from .surgery import compact_units
+from .utils import eval_pass
 
 
 def _run(model: nn.Module, example_inputs) -> None:
@@ -39,23 +40,21 @@ def _run(model: nn.Module, example_inputs) -> None:
 
     handles = [nn.modules.module.register_module_forward_pre_hook(push),
                nn.modules.module.register_module_forward_hook(pop)]
-    was_training = model.training
-    model.eval()
     try:
         with torch.no_grad():
             try:
-                with ShapeOnly():
+                with eval_pass(model), ShapeOnly():
                     model(*args, **kwargs)
                 return
             except (NeedsValues, Exception):  # only a real forward decides that the model is broken
                 stack.clear()
-            model(*args, **kwargs)
+            with eval_pass(model):
+                model(*args, **kwargs)
     except Exception as exc:
         raise _BrokenForward(stack[-1] if stack else "") from exc
     finally:
         for h in handles:
             h.remove()
-        model.train(was_training)
 
 
 class _BrokenForward(Exception):

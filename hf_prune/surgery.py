@@ -16,7 +16,7 @@ from torch import nn
 from .adapters import sync_config
 from .adapters.mha import adapt_attention
 from .errors import CompactionError
-from .utils import caller_threads, single_threaded_fn
+from .utils import caller_threads, flush_eval_caches, single_threaded_fn
 from .graph.tracer import HEAD_COUNT_ATTRS
 
 HEAD_WIDTH_ATTRS = ("all_head_size", "attn_dim", "inner_dim", "all_head_dim")
@@ -101,10 +101,7 @@ def compact_units(model: nn.Module, graph, keep: torch.Tensor) -> Undo:
             # Models built from one config object share it: the pruned one gets its own copy.
             undo.set_attr(model, "config", copy.deepcopy(model.config))
         sync_config(model, undo)
-        # Some timm attention layers cache tensors in eval mode and flush them on .train().
-        was_training = model.training
-        model.train(True)
-        model.train(was_training)
+        flush_eval_caches(model)  # caches made from the dense parameters
     except Exception:
         undo.restore()
         raise

@@ -42,6 +42,54 @@ def caller_threads():
         torch.set_num_threads(before)
 
 
+def module_modes(model: torch.nn.Module) -> list:
+    """Every module's train/eval mode, for :func:`restore_modes` (``model.train(was_training)``
+    would flatten them: a model training with frozen BatchNorms would lose that)."""
+    return [(m, m.training) for m in model.modules()]
+
+
+def restore_modes(modes: list) -> None:
+    for m, mode in modes:
+        m.training = mode  # not train(): that would flatten the modes of the submodules again
+
+
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module):
+    """Eval mode for a while; afterwards every module has its own mode back."""
+    modes = module_modes(model)
+    model.eval()
+    try:
+        yield
+    finally:
+        restore_modes(modes)
+
+
+def flush_eval_caches(model: torch.nn.Module) -> None:
+    """Let modules drop what they cached from their parameters in eval mode; modes are unchanged.
+
+    Modules that cache (LeViT's attention biases, some timm attention layers) drop it in
+    ``train()``, so that is called and every module's mode put back.
+    """
+    modes = module_modes(model)
+    model.train(True)
+    restore_modes(modes)
+
+
+@contextlib.contextmanager
+def eval_pass(model: torch.nn.Module):
+    """One of the engine's forward passes: in eval mode, with nothing cached before or after it.
+
+    A cache made before the pass would hide its parameter from the trace, and one made during it
+    (by a compacted-then-restored model, or from a shape-only pass's zeros) would be stale after.
+    """
+    flush_eval_caches(model)
+    with eval_mode(model):
+        try:
+            yield
+        finally:
+            flush_eval_caches(model)
+
+
 def single_threaded_fn(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):

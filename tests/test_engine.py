@@ -516,3 +516,61 @@ def test_traced_labels_of_watched_modules_name_their_channels():
     assert torch.equal(uf.find(into).reshape(-1), hidden)
     assert torch.equal(uf.find(params["2.weight"].dims[1].reshape(-1)), hidden)
     assert torch.equal(uf.find(out).reshape(-1), uf.find(params["2.weight"].dims[0].reshape(-1)))
+
+
+class _CachedBiasAttention(nn.Module):
+    """Attention with a per-head bias cached in eval mode and dropped by train(), as LeViT does."""
+
+    def __init__(self, dim=32, heads=4):
+        super().__init__()
+        self.num_heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.bias = nn.Parameter(torch.randn(heads, 1, 1))
+        self.cache = {}
+
+    def train(self, mode=True):
+        super().train(mode)
+        if mode:
+            self.cache = {}
+        return self
+
+    def head_bias(self):
+        if self.training:
+            return self.bias * 1.0
+        if "bias" not in self.cache:
+            self.cache["bias"] = self.bias * 1.0
+        return self.cache["bias"]
+
+    def forward(self, x):
+        b, n, _ = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        attn = (q @ k.transpose(-2, -1) + self.head_bias()).softmax(-1)
+        return x + self.proj((attn @ v).transpose(1, 2).reshape(b, n, -1))
+
+
+def test_eval_mode_caches_neither_hide_parameters_nor_go_stale():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 32), _CachedBiasAttention(), _CachedBiasAttention()).eval()  # a stem, kept
+    x = torch.randn(2, 5, 32)
+    dense = model(x)  # fills the caches with the dense biases
+    state = copy.deepcopy(model.state_dict())
+    with pytest.raises(PruningError):
+        prune(model, example_inputs=x, target_macs=0.01)
+    _assert_unchanged(model, state)
+    assert torch.allclose(model(x), dense)
+    prune(model, example_inputs=x, target_macs=0.8, mode="local", compact=False)
+    assert [(m.bias == 0).any().item() for m in model[1:]] == [True, True]  # masked heads include their bias
+    masked = model(x)
+    compact(model)
+    assert all(m.num_heads < 4 and m.bias.shape[0] == m.num_heads for m in model[1:])
+    assert torch.allclose(model(x), masked, atol=1e-5)
+
+
+def test_engine_passes_give_every_module_its_own_mode_back():
+    model = nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(), nn.Conv2d(16, 32, 3), nn.BatchNorm2d(32), nn.ReLU(),
+                          nn.Conv2d(32, 8, 3)).train()
+    model[3].eval()  # a frozen BatchNorm inside a training model
+    prune(model, example_inputs=torch.randn(2, 3, 16, 16), target_macs=0.7)
+    assert model[2].out_channels < 32
+    assert model.training and model[2].training and not model[3].training

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_map
 
-from ..utils import caller_threads
+from ..utils import caller_threads, eval_pass
 from .labels import Labels, Pins, UnionFind, compress, reshape_plane, varying_dims, zeros_plane
 from .shape_only import HEAVY, NeedsValues, ShapeOnly, op_name, tensors_of
 
@@ -781,15 +781,12 @@ def _trace(model: nn.Module, example_inputs, values: bool, watch=()) -> Trace:
     hooks += _slow_path_hooks(model)
     seen: dict = {}
     hooks += _watch_hooks(model, watch, tracer, seen)
-    was_training = model.training
-    model.eval()
     try:
-        with torch.no_grad(), tracer:
+        with torch.no_grad(), eval_pass(model), tracer:
             output = model(*args, **kwargs)
     finally:
         for h in hooks:
             h.remove()
-        model.train(was_training)
     outs = _output_tensors(output)
     tracer.pin_outputs(outs)
     watched = {name: seen.get(name, (None, None)) for name in watch}

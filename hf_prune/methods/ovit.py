@@ -82,6 +82,7 @@ import torch
 from torch import nn
 
 from ..errors import PruningError
+from ..utils import module_modes, restore_modes
 from ..weight_masks import WeightMasks, forward_logits, iter_batches
 
 logger = logging.getLogger(__name__)
@@ -115,7 +116,7 @@ def _gradient_stream(model: nn.Module, calib, names: Sequence[str], num_grads: i
     weights = {n: mods[n].weight for n in names}
     device = next(model.parameters()).device
     flags = {p: p.requires_grad for p in model.parameters()}
-    was_training = model.training
+    modes = module_modes(model)
     model.eval()
     count = 0
     try:
@@ -148,7 +149,7 @@ def _gradient_stream(model: nn.Module, calib, names: Sequence[str], num_grads: i
             p.requires_grad_(f)
         for w in weights.values():
             w.grad = None
-        model.train(was_training)
+        restore_modes(modes)
 
 
 def _check_count(count: int, num_grads: int) -> None:

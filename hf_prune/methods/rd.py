@@ -48,6 +48,7 @@ import torch
 from torch import nn
 
 from ..errors import PruningError
+from ..utils import module_modes, restore_modes
 from ..weight_masks import WeightMasks, exact_counts, forward_logits, iter_batches, prunable_layers
 
 logger = logging.getLogger(__name__)
@@ -124,7 +125,7 @@ def distortion_curves(model: nn.Module, calib, *, layers: Sequence[str] | None =
     batches = [inp for inp, _ in iter_batches(calib, max_batches, device)]
     if not batches:
         raise PruningError("calib yielded no batches")
-    was_training = model.training
+    modes = module_modes(model)
     model.eval()
     t0 = time.perf_counter()
     forwards = 0
@@ -176,7 +177,7 @@ def distortion_curves(model: nn.Module, calib, *, layers: Sequence[str] | None =
             if log_every and (li + 1) % log_every == 0:
                 logger.info("rd: curves %d/%d layers, %.1fs", li + 1, len(names), time.perf_counter() - t0)
     finally:
-        model.train(was_training)
+        restore_modes(modes)
     return RDCurves(names=list(names), sizes=sizes, pruned=pruned_all, distortion=dist_all, reduction=reduction,
                     seconds=time.perf_counter() - t0, forwards=forwards, samples=samples)
 

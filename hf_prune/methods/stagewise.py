@@ -67,7 +67,7 @@ from torch.nn import functional as F
 
 from ..api import PRUNE_RECORD
 from ..errors import PruningError
-from ..utils import logits_of, recalibrate_batchnorm
+from ..utils import eval_mode, logits_of, recalibrate_batchnorm
 from ..masks import MaskedNorm, get_mask
 
 __all__ = ["Stage", "WidthSpace", "Supernet", "SearchResult", "find_stages", "evolutionary_search",
@@ -133,15 +133,12 @@ def _output_shapes(model: nn.Module, paths: list, example_inputs) -> dict:
             t = _first_tensor(out)
             shapes[p] = tuple(t.shape) if t is not None else None
         handles.append(model.get_submodule(p).register_forward_hook(hook))
-    was_training = model.training
-    model.eval()
     try:
-        with torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             _call(model, example_inputs)
     finally:
         for h in handles:
             h.remove()
-        model.train(was_training)
     return shapes
 
 
@@ -563,17 +560,13 @@ class Supernet:
     def evaluate(self, choice, batches) -> float:
         """Top-1 accuracy of the subnet ``choice`` (eval mode) on labelled ``batches``."""
         keep = self.space.keep(self.space.validate(choice))
-        was_training = self.model.training
-        self.model.eval()
         correct = total = 0
-        try:
+        with eval_mode(self.model):
             for batch in batches:
                 inputs, labels = _split_batch(batch)
                 pred = logits_of(self.forward(keep, inputs)).argmax(-1)
                 correct += int((pred == labels.to(pred.device)).sum())
                 total += int(labels.numel())
-        finally:
-            self.model.train(was_training)
         return correct / max(total, 1)
 
     def proxy_accuracy(self, choice, eval_batches, calib_batches=None) -> float:

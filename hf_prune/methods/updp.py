@@ -113,7 +113,7 @@ import torch
 from torch import nn
 
 from ..errors import PruningError
-from ..utils import recalibrate_batchnorm
+from ..utils import module_modes, recalibrate_batchnorm, restore_modes
 from .updp_blocks import AnnealedBlock, UnsupportedBlock, block_family, check_block, make_annealed
 from .updp_merge import MergedBlock, MergeError
 
@@ -225,6 +225,7 @@ def anneal(model: nn.Module, blocks, *, end_act: bool = True) -> list[AnnealedBl
             raise PruningError(f"cannot anneal '{r.path}' ({r.type}): {exc}") from exc
     for r, w in zip(refs, wrappers):
         w.ref = r
+        w.train(model.get_submodule(r.path).training)  # the wrapper takes the mode of the block it wraps
         _set_module(model, r.path, w)
     return wrappers
 
@@ -291,7 +292,7 @@ def calibrate(model: nn.Module, batches, blocks=None) -> None:
         return
     all_blocks = [m for _, m in annealed_blocks(model)]
     saved = [(b, b.lam) for b in all_blocks]
-    was_training = model.training
+    modes = module_modes(model)
     try:
         model.eval()
         for b in all_blocks:
@@ -308,7 +309,7 @@ def calibrate(model: nn.Module, batches, blocks=None) -> None:
             b._calib = None
         for b, lam in saved:
             b.lam = lam
-        model.train(was_training)
+        restore_modes(modes)
 
 
 def recalibrate_bn(model: nn.Module, batches, blocks=None) -> None:

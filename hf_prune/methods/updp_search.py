@@ -66,7 +66,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import PruningError
-from ..utils import model_device, recalibrate_batchnorm, to_device
+from ..utils import model_device, module_modes, recalibrate_batchnorm, restore_modes, to_device
 from .updp import (AnnealedBlock, _capture_inputs, _macs, _output_tensor, _resolve, _set_module, anneal, calibrate,
                    find_blocks)
 
@@ -392,7 +392,7 @@ def evaluate_subnet(supernet: DepthSupernet, choice, data, *, calib_data=None, r
     ``score_fn(model) -> float`` (higher is better) replaces accuracy as the proxy.
     """
     model, device = supernet.model, model_device(supernet.model)
-    previous, was_training = supernet.choice, model.training
+    previous, modes = supernet.choice, module_modes(model)
     bns = _bns(model)
     saved = [(bn.running_mean.clone(), bn.running_var.clone(), bn.num_batches_tracked.clone()) for bn in bns]
     supernet.set_choice(choice)
@@ -427,7 +427,7 @@ def evaluate_subnet(supernet: DepthSupernet, choice, data, *, calib_data=None, r
                 bn.running_var.copy_(v)
                 bn.num_batches_tracked.copy_(n)
         supernet.set_choice(previous)
-        model.train(was_training)
+        restore_modes(modes)
 
 
 # --------------------------------------------------------------------------- budgets
