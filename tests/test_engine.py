@@ -46,6 +46,10 @@ def _hf(kind):
         cfg = T.SwinConfig(image_size=64, patch_size=4, embed_dim=32, depths=[1, 1], num_heads=[2, 4],
                            window_size=4, num_labels=10)
         return T.SwinForImageClassification(cfg), x
+    if kind == "segformer":  # its head reads config.hidden_sizes[-1] in forward
+        cfg = T.SegformerConfig(hidden_sizes=[16, 32, 64, 128], depths=[1, 1, 1, 1], num_attention_heads=[1, 2, 4, 8],
+                                decoder_hidden_size=64, num_labels=10)
+        return T.SegformerForImageClassification(cfg), x
     if kind == "timm_wrapper":
         return T.TimmWrapperForImageClassification(T.TimmWrapperConfig(architecture="resnet18", num_labels=10)), x
     raise KeyError(kind)
@@ -66,6 +70,7 @@ MODELS = {
     "hf resnet": lambda: _hf("resnet"),
     "hf mobilenetv2": lambda: _hf("mobilenetv2"),
     "hf swin": lambda: _hf("swin"),
+    "hf segformer": lambda: _hf("segformer"),
     "hf timm wrapper": lambda: _hf("timm_wrapper"),
 }
 

@@ -58,6 +58,8 @@ BUILDERS = {
     "mobilenetv2": lambda: _hf("MobileNetV2", image_size=32, depth_multiplier=0.35),
     "swin": lambda: _hf("Swin", image_size=32, patch_size=2, embed_dim=16, depths=[1, 1], num_heads=[2, 4],
                         window_size=4),
+    "segformer": lambda: _hf("Segformer", hidden_sizes=[16, 32, 64, 128], depths=[1, 1, 1, 1],
+                             num_attention_heads=[1, 2, 4, 8], decoder_hidden_size=64),
     "timm_wrapper": _timm_wrapper,
     "timm_resnet18": lambda: _timm("resnet18"),
     "timm_vit": lambda: _timm("vit_tiny_patch16_224", img_size=32, depth=2),

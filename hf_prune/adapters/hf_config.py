@@ -1,7 +1,7 @@
 """Keep a transformers config truthful after compaction.
 
 A config holds one number per concept (``num_attention_heads``, ``intermediate_size``,
-``hidden_size``) while pruning may leave every layer different. Fields are updated when the pruned
+``hidden_size``, the last of ``hidden_sizes``) while pruning may leave every layer different. Fields are updated when the pruned
 model is uniform again, and left at the base value otherwise; the per-layer truth is always in the
 structure spec (``config.hf_prune``) that hf_prune writes when saving.
 """
@@ -31,6 +31,12 @@ def sync_config(model: nn.Module, undo) -> None:
     if mlp is not None and isinstance(getattr(config, "intermediate_size", None), int):
         undo.set_attr(config, "intermediate_size", mlp)
     classifier = getattr(model, "classifier", None)
-    if (isinstance(classifier, nn.Linear) and isinstance(getattr(config, "hidden_size", None), int)
-            and not isinstance(getattr(config, "hidden_sizes", None), list)):
+    if not isinstance(classifier, nn.Linear):
+        return
+    sizes = getattr(config, "hidden_sizes", None)
+    if isinstance(sizes, (list, tuple)) and sizes and isinstance(sizes[-1], int):
+        # The last stage feeds the classifier, and some heads read its width from here
+        # (Segformer: ``reshape(batch, -1, config.hidden_sizes[-1])``).
+        undo.set_attr(config, "hidden_sizes", type(sizes)([*sizes[:-1], classifier.in_features]))
+    elif isinstance(getattr(config, "hidden_size", None), int):
         undo.set_attr(config, "hidden_size", classifier.in_features)
