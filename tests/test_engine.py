@@ -371,6 +371,33 @@ def test_stored_split_widths_and_scalar_parameters_are_handled():
     assert _call(model, x).shape == _call(reference, x).shape
 
 
+class _PaddedResidual(nn.Module):
+    """RexNet style: the shortcut is added to the first ``in_channels`` (stored) of a wider output."""
+
+    def __init__(self, cin, cout):
+        super().__init__()
+        self.in_channels = cin
+        self.expand, self.project = nn.Conv2d(cin, 4 * cin, 1), nn.Conv2d(4 * cin, cout, 1)
+
+    def forward(self, x):
+        y = self.project(self.expand(x).relu())
+        return torch.cat([y[:, : self.in_channels] + x, y[:, self.in_channels :]], dim=1)
+
+
+def test_slices_at_stored_widths_are_repaired_in_every_block_of_the_type():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), _PaddedResidual(8, 12), _PaddedResidual(12, 16),
+                          _PaddedResidual(16, 20), nn.Conv2d(20, 4, 1))
+    _randomize(model)
+    x = torch.randn(2, 3, 10, 10)
+    with pytest.warns(UserWarning, match="splits around it"):
+        prune(model, example_inputs=x, target_macs=0.7, round_to=None, compact=False)
+    masked = _call(model, x)
+    compact(model)
+    assert all(b.project.out_channels == b.in_channels + 4 for b in model[1:4])  # sliced outputs kept whole
+    assert any(b.expand.out_channels < 4 * b.in_channels for b in model[1:4])  # the expansions are pruned
+    assert ((_call(model, x) - masked).abs().max() / masked.abs().max()).item() <= 1e-4
+
+
 class _MHABlock(nn.Module):
     def __init__(self, batch_first=True):
         super().__init__()

@@ -341,8 +341,10 @@ class Tracer(ShapeOnly):
 
     # ------------------------------------------------------------------ rule families
     def _move(self, func, name, args, kwargs, out):
-        if name in _SPLITS and self._get(args[0]) is not None and self._get(args[0]).elem is not None:
-            # Sizes given to a split may be stored in the module; the repair loop can pin these.
+        if self._get(args[0]) is not None and self._get(args[0]).elem is not None and (
+                name in _SPLITS or _partial_channel_slice(name, args, self._get(args[0]).elem)):
+            # Sizes given to a split (or slice bounds) may be stored in the module; the repair loop
+            # can pin these.
             self.splits.append((self.stack[-1] if self.stack else "", self._get(args[0]).elem))
         perm = _permutation(name, args)
         if perm is not None and isinstance(out, torch.Tensor) and self._get(args[0]) is not None:
@@ -733,6 +735,18 @@ def _looks_like_norm(module: nn.Module) -> bool:
 
 _SPLITS = {"split", "split_with_sizes", "unsafe_split", "unsafe_split_with_sizes", "_unsafe_split",
            "split_copy", "split_with_sizes_copy", "tensor_split"}
+
+
+def _partial_channel_slice(name: str, args, plane: torch.Tensor) -> bool:
+    """A ``slice`` that keeps part of a dimension carrying channel labels (RexNet: ``x[:, :in_chs]``)."""
+    if name not in ("slice", "slice_copy") or not isinstance(args[0], torch.Tensor):
+        return False
+    x = args[0]
+    dim = (args[1] if len(args) > 1 else 0) % max(x.dim(), 1)
+    start = args[2] if len(args) > 2 and args[2] is not None else 0
+    end = args[3] if len(args) > 3 and args[3] is not None else x.shape[dim]
+    varies = plane.dim() == x.dim() and plane.shape[dim] > 1
+    return varies and (start > 0 or end < x.shape[dim])
 
 _RULES = {
     "mm": Tracer._mm,
