@@ -113,9 +113,9 @@ def _role(model: nn.Module, name: str) -> tuple:
 
 def _same_role(model: nn.Module, culprit: str) -> list[str]:
     """The culprit and every layer in the same role; an outermost block's peers are the blocks of its type."""
-    role = _role(model, culprit)
     if not culprit:
         return [culprit]
+    role = _role(model, culprit)
     return [n for n, m in model.named_modules() if n and type(m) is role[0] and _role(model, n) == role]
 
 

@@ -13,13 +13,7 @@ from hf_prune.errors import PruningError
 from hf_prune.masks import get_mask
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny models: many small ops; one intra-op thread is faster and avoids oversubscription.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_vit(seed=0):

@@ -18,12 +18,7 @@ import torch
 PRETRAIN_STEPS, FINETUNE_STEPS = 400, 200
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _config():

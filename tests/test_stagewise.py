@@ -20,12 +20,7 @@ from hf_prune.methods.stagewise import Supernet, evolutionary_search, find_stage
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(kind: str, seed: int = 0):

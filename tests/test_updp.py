@@ -21,13 +21,7 @@ from hf_prune.profiling import count_macs
 TOL = 1e-4  # max abs diff relative to the output scale
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is faster, and kinder to a shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def randomize(model: nn.Module, seed: int = 0) -> nn.Module:

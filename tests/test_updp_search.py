@@ -16,12 +16,7 @@ from hf_prune.methods.updp_search import DepthSupernet, SubnetSampler, evaluate_
 from hf_prune.profiling import count_macs
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_convnext(depths=(1, 1, 2, 1), in_chans=3, seed=0) -> nn.Module:

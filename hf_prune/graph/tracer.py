@@ -127,9 +127,6 @@ def _is_float(t) -> bool:
     return isinstance(t, torch.Tensor) and t.is_floating_point()
 
 
-_tensors = tensors_of
-
-
 def _fit(plane: torch.Tensor | None, ndim: int) -> torch.Tensor | None:
     """Left-pad a plane with size-1 dims so it broadcasts against a tensor of rank ``ndim``."""
     if plane is None:
@@ -292,7 +289,7 @@ class Tracer(ShapeOnly):
     def _propagate(self, func, name, args, kwargs, out):
         if name in _CREATION:
             return
-        inputs = [t for t in _tensors((args, kwargs)) if self._get(t) is not None]
+        inputs = [t for t in tensors_of((args, kwargs)) if self._get(t) is not None]
         if not inputs:
             return
         if name in _IDENTITY:
@@ -326,7 +323,7 @@ class Tracer(ShapeOnly):
         module = self.owner()
         self.unknown.append((name, module, why))
         first = None
-        for t in _tensors((args, kwargs)):
+        for t in tensors_of((args, kwargs)):
             lab = self._get(t)
             if lab is None:
                 continue
@@ -361,7 +358,7 @@ class Tracer(ShapeOnly):
                       for p in lab.planes()]
             self._set(out, Labels.from_planes(planes, lab))
             return
-        labs = [(t, self._get(t)) for t in _tensors((args, kwargs)) if _is_float(t)]
+        labs = [(t, self._get(t)) for t in tensors_of((args, kwargs)) if _is_float(t)]
         labelled = [lab for _, lab in labs if lab is not None]
         param_mode = (len(labelled) == len(labs) and all(l.is_param for l in labelled)
                       and len({len(l.dims) for l in labelled}) == 1)
@@ -391,8 +388,8 @@ class Tracer(ShapeOnly):
                 results.append(a[0].reshape(out.shape))
             else:
                 results.append(func(*a, **k))
-        outs = _tensors(out)
-        per_plane = [(_tensors(r) if r is not None else [None] * len(outs)) for r in results]
+        outs = tensors_of(out)
+        per_plane = [(tensors_of(r) if r is not None else [None] * len(outs)) for r in results]
         source = labelled[0].source if param_mode else None
         for j, t in enumerate(outs):
             planes = [pp[j] for pp in per_plane]
@@ -404,11 +401,11 @@ class Tracer(ShapeOnly):
                 self._set(t, Labels(planes[0]))
 
     def _pointwise(self, args, kwargs, out):
-        outs = [t for t in _tensors(out) if _is_float(t)]
+        outs = [t for t in tensors_of(out) if _is_float(t)]
         if not outs:
             return
         target = outs[0]
-        ins = [t for t in _tensors((args, kwargs)) if _is_float(t) and self._get(t) is not None]
+        ins = [t for t in tensors_of((args, kwargs)) if _is_float(t) and self._get(t) is not None]
         labs = [self._get(t) for t in ins]
         if not labs:
             return
@@ -425,7 +422,7 @@ class Tracer(ShapeOnly):
     def _reduce(self, name, args, kwargs, out):
         x = args[0]
         lab = self._get(x)
-        outs = [t for t in _tensors(out) if _is_float(t)]
+        outs = [t for t in tensors_of(out) if _is_float(t)]
         if lab is None or not outs:
             return
         ndim = x.dim()
@@ -484,7 +481,7 @@ class Tracer(ShapeOnly):
     def _spatial(self, args, out):
         x = args[0]
         plane = self._act(x)
-        outs = _tensors(out)
+        outs = tensors_of(out)
         if plane is None or not outs or not _is_float(outs[0]):
             return
         if varying_dims(plane) & set(range(2, plane.dim())):
@@ -743,10 +740,12 @@ def _partial_channel_slice(name: str, args, plane: torch.Tensor) -> bool:
         return False
     x = args[0]
     dim = (args[1] if len(args) > 1 else 0) % max(x.dim(), 1)
+    size = x.shape[dim]
     start = args[2] if len(args) > 2 and args[2] is not None else 0
-    end = args[3] if len(args) > 3 and args[3] is not None else x.shape[dim]
+    end = args[3] if len(args) > 3 and args[3] is not None else size
+    start, end = (v + size if v < 0 else v for v in (start, end))
     varies = plane.dim() == x.dim() and plane.shape[dim] > 1
-    return varies and (start > 0 or end < x.shape[dim])
+    return varies and (start > 0 or end < size)
 
 _RULES = {
     "mm": Tracer._mm,
@@ -781,7 +780,7 @@ def trace(model: nn.Module, example_inputs, watch=()) -> Trace:
 def _trace(model: nn.Module, example_inputs, values: bool, watch=()) -> Trace:
     tracer = Tracer(model, values)
     args, kwargs = split_inputs(example_inputs)
-    tracer.label_inputs(_tensors((args, kwargs)))
+    tracer.label_inputs(tensors_of((args, kwargs)))
 
     def push(module, _inputs):
         tracer.stack.append(tracer.module_names.get(id(module), ""))
