@@ -181,9 +181,9 @@ def engine_macs(model: nn.Module, inputs: Any) -> int:
 
 
 def flop_counter_macs(model: nn.Module, inputs: Any) -> int | None:
-    """MACs from hf_prune.profiling.count_macs (FlopCounterMode + attention formula), as a cross-check."""
+    """MACs from hf_prune.metrics.profiling.count_macs (FlopCounterMode + attention formula), as a cross-check."""
     try:
-        from hf_prune.profiling import count_macs
+        from hf_prune.metrics.profiling import count_macs
     except Exception:  # noqa: BLE001
         return None
     return int(count_macs(model, inputs))

@@ -7,7 +7,7 @@ dense params and MACs; ``prune(..., target_macs=T, compact=False)``; forward of 
 inside its own try/except and time limit, so one failure does not stop the run.
 
 MACs come from ``hf_prune.DependencyGraph(model, x).macs()`` (counts attention, which torch's
-FlopCounterMode misses on CPU); the ratio from ``hf_prune.profiling.count_macs`` is kept in the JSON
+FlopCounterMode misses on CPU); the ratio from ``hf_prune.metrics.profiling.count_macs`` is kept in the JSON
 as a cross-check.
 
     PYTHONPATH=. .venv/bin/python benchmarks/coverage.py            # full list
@@ -217,7 +217,7 @@ def render(rows: list[dict], info: dict, target_macs: float) -> str:
         "the equivalence check trivial); input batch 1 at the model's default size",
         "MACs: `hf_prune.DependencyGraph(model, x).macs()` (counts attention; torch's FlopCounterMode "
         "does not count CPU fused attention `aten._scaled_dot_product_flash_attention_for_cpu`). "
-        "`macs_ratio_fc` in the JSON is the same ratio from `hf_prune.profiling.count_macs`, as a cross-check",
+        "`macs_ratio_fc` in the JSON is the same ratio from `hf_prune.metrics.profiling.count_macs`, as a cross-check",
         f"equivalence: max |masked - compact| / max |masked| on the tracing input and on a fresh batch "
         f"of 2, must be <= {TOL:g}",
         "time: whole row (build, counting, prune, two forwards, compact, two forwards, recount), seconds",

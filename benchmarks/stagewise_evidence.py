@@ -70,7 +70,7 @@ def train_ce(model: nn.Module, train, steps: int, lr: float, seed: int, batch: i
 def train_supernet(pretrained: nn.Module, train, supervision: str, steps: int, lr: float, out_dir: str, seed: int):
     from transformers import TrainingArguments
 
-    from hf_prune.methods.stagewise_trainer import StageWiseCallback, StageWiseTrainer
+    from hf_prune.methods.stagewise.callback import StageWiseCallback, StageWiseTrainer
 
     model = copy.deepcopy(pretrained)
     cb = StageWiseCallback(target_macs=0.5, round_to=4, supervision=supervision, num_random=2, seed=seed)
@@ -87,7 +87,7 @@ def train_supernet(pretrained: nn.Module, train, supervision: str, steps: int, l
 
 def draw_subnets(sup, n: int, band: tuple, seed: int) -> list:
     """``n`` distinct random choices with MACs ratio in ``band`` (random draw, shrunk until under the top)."""
-    from hf_prune.methods.stagewise import _shrink_to_fit
+    from hf_prune.methods.stagewise.supernet import _shrink_to_fit
 
     gen = torch.Generator().manual_seed(seed)
     lo, hi = band
@@ -134,7 +134,7 @@ def main(argv=None) -> dict:
     t_start = time.time()
 
     from hf_prune.data import accuracy, load_digits
-    from hf_prune.methods.stagewise import Supernet, kendall_tau
+    from hf_prune.methods.stagewise.supernet import Supernet, kendall_tau
 
     train, val = load_digits(source="mnist", image_size=28, channels=1, seed=0)
     widths = [int(w) for w in args.widths.split(",")]

@@ -83,7 +83,7 @@ def fit(model: nn.Module, split, steps: int, *, lr: float, seed: int, batch_size
 
 
 def progressive(dense, blocks, split, calib, args, seed, steps):
-    from hf_prune.methods.updp import UPDPAnnealer
+    from hf_prune.methods.updp.depth import UPDPAnnealer
 
     model = copy.deepcopy(dense)
     ann = UPDPAnnealer(model, blocks, start=0.0, end=args.anneal_end, total_steps=steps, example_inputs=calib)
@@ -94,7 +94,7 @@ def progressive(dense, blocks, split, calib, args, seed, steps):
 
 def abrupt(dense, blocks, split, calib, args, seed, test, steps):
     from hf_prune.data import accuracy
-    from hf_prune.methods.updp import UPDPAnnealer, anneal, calibrate, recalibrate_bn, set_lambda
+    from hf_prune.methods.updp.depth import UPDPAnnealer, anneal, calibrate, recalibrate_bn, set_lambda
 
     model = copy.deepcopy(dense)
     wrappers = anneal(model, blocks, end_act=True)
@@ -108,7 +108,7 @@ def abrupt(dense, blocks, split, calib, args, seed, test, steps):
 
 
 def removed(dense, blocks, split, args, seed, steps):
-    from hf_prune.methods.updp import _set_module, find_blocks
+    from hf_prune.methods.updp.depth import _set_module, find_blocks
 
     model = copy.deepcopy(dense)
     refs = find_blocks(model)
@@ -152,9 +152,9 @@ def main(argv=None):
     t_all = time.perf_counter()
 
     from hf_prune.data import DigitsSplit, accuracy, load_digits
-    from hf_prune.methods.updp import find_blocks, score_blocks
-    from hf_prune.methods.updp_search import DepthSupernet, search, train_supernet
-    from hf_prune.profiling import count_macs
+    from hf_prune.methods.updp.depth import find_blocks, score_blocks
+    from hf_prune.methods.updp.search import DepthSupernet, search, train_supernet
+    from hf_prune.metrics.profiling import count_macs
 
     def log(msg):
         print(f"[{time.perf_counter() - t_all:6.0f} s] {msg}", flush=True)

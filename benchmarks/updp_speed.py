@@ -15,7 +15,7 @@ so that merges are non-trivial. Variants per model:
 CPU: fp32, eval, ``torch.inference_mode``, batch 1 and batch 32, variants timed round-robin in the same
 process (``benchmarks.common.time_interleaved``), median per variant. GPU (only when CUDA is available):
 batch 256, bf16 autocast, channels_last for ConvNeXt, as ``benchmarks/speed.py``. MACs:
-``hf_prune.profiling.count_macs`` at batch 1 (counts CPU fused attention). efficiency = speed-up x MACs
+``hf_prune.metrics.profiling.count_macs`` at batch 1 (counts CPU fused attention). efficiency = speed-up x MACs
 ratio (1.0 = the speed-up is proportional to the MACs removed).
 
     PYTHONPATH=. .venv/bin/python benchmarks/updp_speed.py             # ~10 min on a loaded 2-core CPU
@@ -45,8 +45,8 @@ ANCHOR = ("ConvNeXt-T with blocks removed to depths 2-2-3-2 (9 of 18 blocks), 52
 
 
 def make_variants(name: str, ks: list[int], removed_ks: list[int], log) -> tuple[dict, list[dict], torch.Tensor]:
-    from hf_prune.methods.updp import _set_module, find_blocks, prune_depth
-    from hf_prune.profiling import count_macs
+    from hf_prune.methods.updp.depth import _set_module, find_blocks, prune_depth
+    from hf_prune.metrics.profiling import count_macs
 
     torch.manual_seed(0)
     dense, x = timm_model(name)
@@ -97,7 +97,7 @@ def render(rows: list[dict], info: dict, args) -> str:
         "merged-k: `prune_depth(model, num_blocks=k, example_inputs=x)` (blocks chosen by the output-change proxy on "
         "2 random images: arbitrary on random weights, listed in the JSON), exact merge"
         + ("; removed-k: the same blocks replaced by identity (what the anchor measures)" if args.removed else ""),
-        "MACs: `hf_prune.profiling.count_macs` at batch 1",
+        "MACs: `hf_prune.metrics.profiling.count_macs` at batch 1",
         f"CPU: fp32, eval, `torch.inference_mode`, {info['torch_threads']} torch thread(s), median of {args.iters} "
         f"passes at batch 1 (after {args.warmup} warm-up) and of {args.iters32} at batch 32 (after {args.warmup32}); "
         "variants timed round-robin in one process",

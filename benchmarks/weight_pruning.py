@@ -43,10 +43,10 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import RESULTS, env_info, header_md, md_table  # noqa: E402
-from hf_prune.methods import ovit as ovit_mod  # noqa: E402
-from hf_prune.methods import rd as rd_mod  # noqa: E402
-from hf_prune.methods.weight_allocation import prune_weights  # noqa: E402
-from hf_prune.weight_masks import WeightMasks, prunable_layers, safetensors_size  # noqa: E402
+from hf_prune.methods.ovit import obs as ovit_mod  # noqa: E402
+from hf_prune.methods.rd import curves as rd_mod  # noqa: E402
+from hf_prune.sparse.allocation import prune_weights  # noqa: E402
+from hf_prune.sparse.masks import WeightMasks, prunable_layers, safetensors_size  # noqa: E402
 
 PARTS = ("digits", "rd", "ovit", "gradual", "semi24")
 
@@ -146,7 +146,7 @@ def evaluate(model, split, dense_pred=None):
 
 def recalibrate_bn(model, images, batch_size=128):
     """Re-estimate BatchNorm running statistics on ``images`` (cumulative average); False without BN."""
-    from hf_prune.utils import recalibrate_batchnorm
+    from hf_prune.core.execution import recalibrate_batchnorm
 
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     batches = [images[i:i + batch_size] for i in range(0, len(images), batch_size)]
@@ -405,7 +405,7 @@ def finetune(model, split, steps: int, *, lr: float, callback=None, batch_size: 
     pruning ``callback`` (plain-loop API: setup / step_begin / pre_optimizer_step / optimizer_step),
     the callback prunes on its schedule; otherwise the model's attached masks are enforced."""
     from hf_prune.data import make_loader
-    from hf_prune.weight_masks import get_weight_masks
+    from hf_prune.sparse.masks import get_weight_masks
 
     torch.manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
@@ -441,8 +441,8 @@ def finetune(model, split, steps: int, *, lr: float, callback=None, batch_size: 
 
 def part_gradual(args) -> dict:
     """One-shot vs gradual (cubic) pruning to ``--gradual-sparsity`` with the same fine-tuning budget."""
-    from hf_prune.methods.weight_allocation import weight_pruning_callback_base
-    from hf_prune.weight_masks import get_weight_masks
+    from hf_prune.sparse.allocation import weight_pruning_callback_base
+    from hf_prune.sparse.masks import get_weight_masks
 
     train_split, val, perm = mnist_splits()
     m, bs = args.gradual_num_grads, 16
@@ -533,7 +533,7 @@ def part_semi24(args) -> dict:
         return {"measured": False, "reason": f"{device} has compute capability {major}.{minor}; 2:4 kernels need 8.0+"}
     from torch.sparse import to_sparse_semi_structured
 
-    from hf_prune.weight_masks import select_nm
+    from hf_prune.sparse.masks import select_nm
 
     tokens, rows, iters = 197, [], 50
     torch.manual_seed(0)

@@ -22,7 +22,7 @@ def main(argv=None):
     before = hf_prune.profile(model, x)
     hf_prune.prune(model, method="depgraph", target_macs=args.target_macs, example_inputs=x)
     after = hf_prune.profile(model, x)
-    print(hf_prune.profiling.compare(before, after))
+    print(hf_prune.metrics.profiling.compare(before, after))
     return before, after
 
 

@@ -13,7 +13,7 @@ from transformers import ResNetConfig, ResNetForImageClassification, Trainer, Tr
 
 import hf_prune
 from hf_prune.data import accuracy, load_digits
-from hf_prune.methods.stagewise_trainer import StageWiseCallback, StageWiseTrainer
+from hf_prune.methods.stagewise.callback import StageWiseCallback, StageWiseTrainer
 
 
 def main(argv=None):

@@ -1,7 +1,7 @@
 """UPDP in the transformers Trainer, all stages, on real digits shipped with scikit-learn.
 
 1. train a depth supernet (every block original or pruned, one random subnet per step): UPDPSupernetCallback;
-2. search the blocks to prune (evolutionary, proxy = held-out accuracy): hf_prune.methods.updp_search.search;
+2. search the blocks to prune (evolutionary, proxy = held-out accuracy): hf_prune.methods.updp.search.search;
 3. progressive training (activations anneal to identity, LN to BN) and exact merge: UPDPCallback(blocks=...).
 
     python examples/updp_callback.py [--supernet-steps 80] [--steps 80] [--num-blocks 2]
@@ -13,8 +13,8 @@ from transformers import ConvNextConfig, ConvNextForImageClassification, Trainer
 
 import hf_prune
 from hf_prune.data import accuracy, load_digits
-from hf_prune.methods.updp_callback import UPDPCallback, UPDPSupernetCallback
-from hf_prune.methods.updp_search import search
+from hf_prune.methods.updp.callback import UPDPCallback, UPDPSupernetCallback
+from hf_prune.methods.updp.search import search
 
 
 def train(model, data, steps, output_dir, callback):

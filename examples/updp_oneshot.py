@@ -8,7 +8,7 @@ import timm
 import torch
 
 import hf_prune
-from hf_prune.methods.updp import find_blocks
+from hf_prune.methods.updp.depth import find_blocks
 
 
 def main(argv=None):
@@ -25,7 +25,7 @@ def main(argv=None):
     hf_prune.prune(model, method="updp", num_blocks=args.num_blocks, example_inputs=x)
     after = hf_prune.profile(model, x[:1])
     print(f"{blocks_before} candidate blocks; {args.num_blocks} merged")
-    print(hf_prune.profiling.compare(before, after))
+    print(hf_prune.metrics.profiling.compare(before, after))
     return before, after
 
 

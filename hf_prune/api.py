@@ -10,8 +10,8 @@ from __future__ import annotations
 from torch import nn
 
 from .errors import PruningError
-from .pruner import StructuredPruner, compact, with_repairs
-from .utils import eval_mode
+from .engine.pruner import StructuredPruner, compact, with_repairs
+from .core.execution import eval_mode
 
 __all__ = ["prune", "compact", "PruningError"]
 
@@ -21,7 +21,7 @@ PRUNE_RECORD = "hf_prune_record"  # model attribute: method, settings and before
 
 
 def _prune_weights(model, method, sparsity, calib, example_inputs, ignored_layers, loss_fn, options):
-    from .methods.weight_allocation import prune_weights
+    from .sparse.allocation import prune_weights
 
     if sparsity is None and options.get("nm") is None:
         raise PruningError(f"method={method!r} removes individual weights: give sparsity= (fraction of the "
@@ -41,7 +41,7 @@ def _prune_weights(model, method, sparsity, calib, example_inputs, ignored_layer
 
 
 def _prune_depth(model, example_inputs, blocks, num_blocks, target_macs):
-    from .methods.updp import prune_depth
+    from .methods.updp.depth import prune_depth
 
     model, record = prune_depth(model, example_inputs=example_inputs, blocks=blocks, num_blocks=num_blocks,
                                 target_macs=target_macs)
@@ -95,7 +95,7 @@ def prune(model: nn.Module, method: str = "depgraph", *, example_inputs=None, sp
     importance: ``"l2"`` | ``"l1"`` | ``"taylor"``. mode: ``"global"`` | ``"local"``. round_to:
     channel multiple kept per group (None to disable). ``compact=False`` leaves masks (fixed
     shapes, for training); :func:`compact` removes them later.
-    ``method_options`` go to the weight-pruning methods (:func:`hf_prune.methods.weight_allocation.
+    ``method_options`` go to the weight-pruning methods (:func:`hf_prune.sparse.allocation.
     prune_weights`): ``allocation``, ``nm``, ``layers``, ``exclude`` and, for oViT, ``block_size``,
     ``num_grads``, ``damping``, ``fisher``, ``max_fisher_mb``, ``dtype``, ...; for RD ``grid``,
     ``reduction``, ``max_batches``, ``max_sparsity``, ... (``ignored_layers`` are excluded too).
@@ -105,7 +105,7 @@ def prune(model: nn.Module, method: str = "depgraph", *, example_inputs=None, sp
     if method == "updp":
         return _prune_depth(model, example_inputs, blocks, num_blocks, target_macs)
     if method == "stagewise":
-        from .methods.stagewise import prune_stagewise
+        from .methods.stagewise.supernet import prune_stagewise
 
         return prune_stagewise(model, example_inputs, target_macs, sparsity=sparsity, calib=calib, round_to=round_to,
                                ignored_layers=ignored_layers, prune_stem=prune_stem, compact=compact)

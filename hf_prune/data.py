@@ -25,7 +25,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .utils import eval_mode, logits_of
+from .core.execution import eval_mode
+from .core.inputs import logits_of
 
 __all__ = ["DigitsSplit", "load_digits", "make_loader", "accuracy", "NUM_CLASSES", "ID2LABEL"]
 

@@ -1,6 +1,6 @@
 """One rank of tests/test_stagewise.py's two-process run (``accelerate launch --multi_gpu --num_processes 2``).
 
-Trains SP's width supernet with :class:`~hf_prune.methods.stagewise_trainer.StageWiseTrainer` under DDP
+Trains SP's width supernet with :class:`~hf_prune.methods.stagewise.callback.StageWiseTrainer` under DDP
 (gloo on CPU) and writes ``rank<k>.json`` into argv[1]: the subnets drawn at every step, the labels of
 this rank's first batch (to show the ranks see different data), a hash of the final weights, and the
 searched subnet.
@@ -32,7 +32,7 @@ def main(out_dir: str) -> None:
     from transformers import ResNetConfig, ResNetForImageClassification, TrainerCallback, TrainingArguments
 
     from hf_prune.data import load_digits
-    from hf_prune.methods.stagewise_trainer import StageWiseCallback, StageWiseTrainer
+    from hf_prune.methods.stagewise.callback import StageWiseCallback, StageWiseTrainer
 
     state = PartialState(cpu=True)
     rank = state.process_index

@@ -8,9 +8,9 @@ import warnings
 import pytest
 import torch
 
-from hf_prune.callbacks import STATE_NAME, DepGraphCallback, PruningCallback
+from hf_prune.trainer.callback import STATE_NAME, DepGraphCallback, PruningCallback
 from hf_prune.errors import PruningError
-from hf_prune.masks import get_mask
+from hf_prune.engine.masks import get_mask
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -244,7 +244,7 @@ def test_checkpoint_resume_is_exact(tmp_path, digits):
 def test_staged_finetune_with_trainer(tmp_path, digits):
     from transformers import Trainer
 
-    from hf_prune.training import staged_finetune
+    from hf_prune.trainer.staged import staged_finetune
 
     train, val = digits
     model = tiny_vit()
@@ -269,7 +269,7 @@ def test_staged_finetune_with_trainer(tmp_path, digits):
 def test_staged_finetune_with_accelerate_loop(digits):
     from accelerate import Accelerator
 
-    from hf_prune.training import staged_finetune
+    from hf_prune.trainer.staged import staged_finetune
 
     train, _ = digits
     x = {"pixel_values": train.pixel_values[:2]}
@@ -305,14 +305,14 @@ def test_staged_finetune_with_accelerate_loop(digits):
 
         AcceleratorState._reset_state(reset_partial_state=True)
     assert len(optimizers) == 2 and optimizers[0] is not optimizers[1]
-    from hf_prune.pruner import StructuredPruner
+    from hf_prune.engine.pruner import StructuredPruner
 
     dense = StructuredPruner(tiny_vit(), x).dense_macs
     assert StructuredPruner(model, x).dense_macs <= 0.6 * dense + 1
 
 
 def test_staged_targets_must_grow():
-    from hf_prune.training import staged_finetune
+    from hf_prune.trainer.staged import staged_finetune
 
     with pytest.raises(ValueError, match="prunes less than the stage before"):
         staged_finetune(tiny_vit(), [0.6, 0.8], lambda m, s: None)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from hf_prune.cli import main
+from hf_prune.cli.main import main
 
 RESNET18_MACS_64 = 148_557_824  # resnet18 at 1x3x64x64 (convolutions + fc)
 
@@ -51,7 +51,7 @@ def _tiny_vit_dir(path: Path, with_weights: bool = True) -> Path:
 
 
 def test_import_is_cheap():
-    code = ("import sys, hf_prune.cli; "
+    code = ("import sys, hf_prune.cli.main; "
             "print(sorted(m for m in ('torch', 'timm', 'transformers') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
@@ -109,7 +109,7 @@ def test_prune_timm_saves_and_reloads(capsys, tmp_path):
     import torch
 
     from hf_prune.hub import AutoPrunedModel
-    from hf_prune.profiling import count_macs
+    from hf_prune.metrics.profiling import count_macs
 
     reloaded = AutoPrunedModel.from_pretrained(str(out_dir)).eval()
     assert count_macs(reloaded, torch.randn(1, 3, 64, 64)) == data["after"]["macs"]

@@ -9,8 +9,8 @@ import math
 
 import pytest
 
-from hf_prune.cli import main
-from hf_prune.demo import QUICK
+from hf_prune.cli.main import main
+from hf_prune.cli.demo import QUICK
 
 
 @pytest.fixture(scope="module")

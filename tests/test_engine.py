@@ -9,8 +9,8 @@ from torch import nn
 
 import hf_prune
 from hf_prune.api import PruningError, compact, prune
-from hf_prune.graph import DependencyGraph
-from hf_prune.profiling import count_macs
+from hf_prune.engine.graph import DependencyGraph
+from hf_prune.metrics.profiling import count_macs
 
 torch.manual_seed(0)
 
@@ -235,7 +235,7 @@ def test_bad_targets_raise_and_leave_model_untouched(kwargs, message):
     with pytest.raises(PruningError, match=message):
         prune(model, example_inputs=x, **kwargs)
     _assert_unchanged(model, state)
-    assert hf_prune.masks.get_mask(model) is None
+    assert hf_prune.engine.masks.get_mask(model) is None
 
 
 def test_untraceable_model_names_the_module():
@@ -414,7 +414,7 @@ class _MHABlock(nn.Module):
 
 @pytest.mark.parametrize("batch_first", [True, False])
 def test_multihead_attention_heads_are_pruned_exactly(batch_first):
-    from hf_prune.adapters.mha import PrunedMultiheadAttention
+    from hf_prune.engine.adapters.mha import PrunedMultiheadAttention
 
     model = _MHABlock(batch_first).eval()
     _randomize(model)
@@ -462,7 +462,7 @@ def test_masks_enforce_after_updates_and_compact_matches():
     model, x = _timm("convnext_atto")
     _randomize(model)
     prune(model, example_inputs=x, target_macs=0.6, compact=False)
-    mask = hf_prune.masks.get_mask(model)
+    mask = hf_prune.engine.masks.get_mask(model)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.01)  # an optimizer step would touch masked slices too
@@ -475,7 +475,7 @@ def test_masks_enforce_after_updates_and_compact_matches():
 
 
 def test_pruner_steps_only_grow_masks_and_compact_exactly():
-    from hf_prune.pruner import StructuredPruner
+    from hf_prune.engine.pruner import StructuredPruner
 
     model, x = _timm("resnet18")
     _randomize(model)
@@ -501,14 +501,14 @@ def test_one_shot_compaction_equals_masked_then_compacted(name):
     prune(masked_model, example_inputs=x, target_macs=0.6, compact=False)
     masked = _call(masked_model, x)
     prune(model, example_inputs=x, target_macs=0.6)  # one-shot: the check's compaction is kept
-    assert hf_prune.masks.get_mask(model) is None
+    assert hf_prune.engine.masks.get_mask(model) is None
     assert [p.shape for p in model.parameters()] == [p.shape for p in compact(masked_model).parameters()]
     out = _call(model, x)
     assert ((out - masked).abs().max() / masked.abs().max()).item() <= 1e-4
 
 
 def test_pruner_apply_masks_exactly_the_given_units():
-    from hf_prune.pruner import StructuredPruner
+    from hf_prune.engine.pruner import StructuredPruner
 
     model, x = _timm("resnet18")
     _randomize(model)
@@ -526,7 +526,7 @@ def test_pruner_apply_masks_exactly_the_given_units():
     pinned = torch.nonzero(other.graph.pinned).flatten()[:2]
     with pytest.raises(PruningError, match="not prunable units"):
         other.apply(pinned)
-    assert hf_prune.masks.get_mask(other.model) is None
+    assert hf_prune.engine.masks.get_mask(other.model) is None
 
 
 def test_transformers_config_follows_uniform_widths():

@@ -1,4 +1,4 @@
-"""hf_prune.profiling: exact MAC counts, parameter counts, latency, mode restoration, reports."""
+"""hf_prune.metrics.profiling: exact MAC counts, parameter counts, latency, mode restoration, reports."""
 
 from types import SimpleNamespace
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from hf_prune.profiling import ProfileReport, compare, count_macs, profile, time_model
+from hf_prune.metrics.profiling import ProfileReport, compare, count_macs, profile, time_model
 
 
 def test_linear_macs_and_params_exact():
@@ -161,7 +161,7 @@ def test_model_returning_output_object():
 
 def test_package_level_profile_is_the_function():
     import hf_prune
-    import hf_prune.profiling  # noqa: F401  (importing the module must not shadow the function)
+    import hf_prune.metrics.profiling  # noqa: F401  (importing the module must not shadow the function)
 
     model = nn.Linear(4, 3)
     report = hf_prune.profile(model, torch.randn(2, 4), measure_latency=False)

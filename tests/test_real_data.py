@@ -40,9 +40,9 @@ def _args(tmp_path, steps, lr):
 def test_vit_on_digits_pruned_to_half_macs_keeps_accuracy(tmp_path, record_property):
     from transformers import Trainer, ViTForImageClassification
 
-    from hf_prune.callbacks import DepGraphCallback
+    from hf_prune.trainer.callback import DepGraphCallback
     from hf_prune.data import accuracy, load_digits
-    from hf_prune.pruner import StructuredPruner
+    from hf_prune.engine.pruner import StructuredPruner
 
     train, val = load_digits(source="sklearn", image_size=16, channels=3, seed=0)
 

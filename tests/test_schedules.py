@@ -3,17 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from hf_prune.schedules import (
-    Annealing,
-    Cubic,
-    Linear,
-    OneShot,
-    cubic_amount,
-    from_dict,
-    linear_amount,
-    make_schedule,
-    resolve_step,
-)
+from hf_prune.core.schedules import (Annealing, Cubic, Linear, OneShot, cubic_amount, from_dict, linear_amount,
+                                     make_schedule, resolve_step)
 
 
 def test_cubic_formula_exact_values():

@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hf_prune.graph.shape_only import NeedsValues, ShapeOnly
-from hf_prune.graph.tracer import _trace, trace
+from hf_prune.engine.graph.shape_only import NeedsValues, ShapeOnly
+from hf_prune.engine.graph.tracer import _trace, trace
 
 from test_engine import MODELS
 

@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from hf_prune.errors import PruningError
-from hf_prune.methods.stagewise import Supernet, evolutionary_search, find_stages, kendall_tau, prune_stagewise
+from hf_prune.methods.stagewise.supernet import (Supernet, evolutionary_search, find_stages, kendall_tau,
+                                                 prune_stagewise)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -120,7 +121,7 @@ def test_widths_respect_coupling_and_rounding():
         sub = sup.extract(choice)
         out = sub(pixel_values=torch.randn(2, 3, 32, 32)).logits  # coupled dims were cut together: it runs
         assert out.shape == (2, 10)
-        from hf_prune.graph import DependencyGraph
+        from hf_prune.engine.graph import DependencyGraph
 
         assert DependencyGraph(sub, {"pixel_values": torch.randn(2, 3, 32, 32)}).macs() == sup.space.macs(choice)
 
@@ -144,7 +145,7 @@ def test_bn_recalibration_is_per_subnet_and_restored():
 
 
 def _callback(**kw):
-    from hf_prune.methods.stagewise_trainer import StageWiseCallback
+    from hf_prune.methods.stagewise.callback import StageWiseCallback
 
     return StageWiseCallback(**{"target_macs": 0.8, "round_to": 1, **kw})
 
@@ -196,13 +197,13 @@ def test_search_respects_budget_and_prefers_higher_proxy():
     result = sup.search(fitness, target_macs=0.6, population=10, generations=4, seed=0)
     assert result.macs <= 0.6 * sup.dense_macs and result.macs_ratio <= 0.6
     sub = sup.extract(result.choice)
-    from hf_prune.graph import DependencyGraph
+    from hf_prune.engine.graph import DependencyGraph
 
     assert DependencyGraph(sub, {"pixel_values": torch.randn(2, 3, 32, 32)}).macs() <= 0.6 * sup.dense_macs
     # the evolution improves on its initial population and beats random feasible subnets
     assert result.history[-1][1] >= result.history[0][1]
     gen = torch.Generator().manual_seed(1)
-    from hf_prune.methods.stagewise import _shrink_to_fit
+    from hf_prune.methods.stagewise.supernet import _shrink_to_fit
 
     randoms = [_shrink_to_fit(sup.space, sup.space.sample(gen), lambda c: sup.macs_ratio(c) <= 0.6, gen)
                for _ in range(20)]
@@ -239,7 +240,7 @@ def test_oneshot_prune_stagewise_meets_budget_and_is_transactional():
     fresh = tiny("resnet")
     _noisy_bn_stats(fresh, 32)
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), fresh.state_dict().values()))
-    from hf_prune.graph import DependencyGraph
+    from hf_prune.engine.graph import DependencyGraph
 
     dense = DependencyGraph(model, {"pixel_values": x}).macs()
     calib = [{"pixel_values": torch.randn(8, 3, 32, 32), "labels": torch.randint(10, (8,))}]
@@ -297,7 +298,7 @@ def _args(tmp_path, steps, **kw):
 def test_trainer_end_to_end_on_digits(tmp_path):
     import hf_prune
     from hf_prune.data import accuracy, load_digits
-    from hf_prune.methods.stagewise_trainer import StageWiseTrainer
+    from hf_prune.methods.stagewise.callback import StageWiseTrainer
 
     train, val = load_digits(source="sklearn", image_size=32, channels=3)
     model = tiny("resnet")
@@ -326,7 +327,7 @@ def test_trainer_end_to_end_on_digits(tmp_path):
 
 def test_checkpoint_resume_restores_sampler_state(tmp_path):
     from hf_prune.data import load_digits
-    from hf_prune.methods.stagewise_trainer import StageWiseTrainer
+    from hf_prune.methods.stagewise.callback import StageWiseTrainer
 
     train, _ = load_digits(source="sklearn", image_size=32, channels=3)
     cb = _callback(num_random=1, seed=3)

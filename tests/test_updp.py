@@ -13,10 +13,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from hf_prune.errors import PruningError
-from hf_prune.methods.updp import (AnnealedBlock, MergedBlock, UPDPAnnealer, anneal, anneal_lambda, calibrate,
-                                   find_blocks, merge_block, prune_depth, set_lambda)
-from hf_prune.methods.updp_merge import ConvSpec, add_shortcut, compose, fold_after, fold_before
-from hf_prune.profiling import count_macs
+from hf_prune.methods.updp.depth import (AnnealedBlock, MergedBlock, UPDPAnnealer, anneal, anneal_lambda, calibrate,
+                                         find_blocks, merge_block, prune_depth, set_lambda)
+from hf_prune.methods.updp.merge import ConvSpec, add_shortcut, compose, fold_after, fold_before
+from hf_prune.metrics.profiling import count_macs
 
 TOL = 1e-4  # max abs diff relative to the output scale
 
@@ -312,7 +312,7 @@ def test_annealer_steps_and_merges():
 
 
 def test_callback_plain_loop():
-    from hf_prune.methods.updp_callback import UPDPCallback
+    from hf_prune.methods.updp.callback import UPDPCallback
 
     model = randomize(MODELS["timm-convnext-linear"][0]())
     x = torch.randn(2, 3, 32, 32)

@@ -11,9 +11,9 @@ import torch
 from torch import nn
 
 from hf_prune.errors import PruningError
-from hf_prune.methods.updp import anneal, calibrate, prune_depth, set_lambda
-from hf_prune.methods.updp_search import DepthSupernet, SubnetSampler, evaluate_subnet, search, train_supernet
-from hf_prune.profiling import count_macs
+from hf_prune.methods.updp.depth import anneal, calibrate, prune_depth, set_lambda
+from hf_prune.methods.updp.search import DepthSupernet, SubnetSampler, evaluate_subnet, search, train_supernet
+from hf_prune.metrics.profiling import count_macs
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -171,7 +171,7 @@ def test_end_to_end_on_sklearn_digits():
 
 
 def test_supernet_callback_samples_per_step():
-    from hf_prune.methods.updp_callback import UPDPSupernetCallback
+    from hf_prune.methods.updp.callback import UPDPSupernetCallback
 
     model = tiny_convnext()
     x = torch.randn(2, 3, 32, 32)

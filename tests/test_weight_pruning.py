@@ -9,9 +9,10 @@ import torch
 from torch import nn
 
 from hf_prune.errors import PruningError
-from hf_prune.methods import ovit, rd
-from hf_prune.methods.weight_allocation import ALLOCATORS, allocate_erk, prune_weights
-from hf_prune.weight_masks import (WeightMasks, get_weight_masks, is_nm, prunable_layers, safetensors_size,
+from hf_prune.methods.ovit import obs as ovit
+from hf_prune.methods.rd import curves as rd
+from hf_prune.sparse.allocation import ALLOCATORS, allocate_erk, prune_weights
+from hf_prune.sparse.masks import (WeightMasks, get_weight_masks, is_nm, prunable_layers, safetensors_size,
                                    select_magnitude, select_nm, to_semi_structured)
 
 

@@ -2,7 +2,7 @@
 """Prune an image classifier while fine-tuning it, then save (and optionally push) the pruned model.
 
 Runs with ``python`` or ``accelerate launch`` (one process per device; masks and weights stay
-identical on every rank, see :mod:`hf_prune.callbacks`)::
+identical on every rank, see :mod:`hf_prune.trainer.callback`)::
 
     python trainers/prune_finetune.py --model resnet18 --pretrained false --dataset builtin:digits \\
         --method depgraph --target_macs 0.5 --schedule cubic --prune_end 0.6 \\
@@ -313,7 +313,7 @@ def main(argv: list[str] | None = None) -> dict:
                          "(fraction of prunable parameters to remove, e.g. 0.3)")
     set_seed(training_args.seed)
 
-    from hf_prune.callbacks import DepGraphCallback
+    from hf_prune.trainer.callback import DepGraphCallback
 
     raw_train, raw_eval, labels, kind = load_data(data_args, training_args.seed)
     model = load_model(model_args, labels)

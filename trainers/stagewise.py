@@ -2,7 +2,7 @@
 """SP (stage-wise channel pruning): supernet training -> search -> subnet fine-tuning -> save / push.
 
 Runs with ``python`` or ``accelerate launch`` (every rank draws the same subnets and finds the same
-subnet; see :mod:`hf_prune.methods.stagewise_trainer`)::
+subnet; see :mod:`hf_prune.methods.stagewise.callback`)::
 
     python trainers/stagewise.py --model builtin:tiny-resnet --dataset builtin:digits --dense_steps 300 \\
         --target_macs 0.5 --max_steps 300 --finetune_steps 200 --output_dir out/sp --use_cpu
@@ -74,7 +74,7 @@ def builtin_model(name: str, labels: list, image_size: int):
 def main(argv: list[str] | None = None) -> dict:
     from transformers import HfArgumentParser, Trainer, TrainingArguments, set_seed
 
-    from hf_prune.methods.stagewise_trainer import StageWiseCallback, StageWiseTrainer
+    from hf_prune.methods.stagewise.callback import StageWiseCallback, StageWiseTrainer
 
     argv, push_repo = split_push_argument(list(sys.argv[1:] if argv is None else argv))
     parser = HfArgumentParser((ModelArguments, DataArguments, SPArguments, TrainingArguments))

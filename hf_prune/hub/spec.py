@@ -70,7 +70,7 @@ Rules:
 * ``removed_blocks``: the module at ``path`` is replaced by :class:`PassThrough`, which returns its
   first input unchanged; its descendants are gone (no entry may point inside it).
 * ``merged_blocks``: the module at ``path`` is replaced by the merged block that ``became``
-  describes (layer types and shapes, no weights; see ``hf_prune.methods.updp_merge.MergedBlock``);
+  describes (layer types and shapes, no weights; see ``hf_prune.methods.updp.merge.MergedBlock``);
   its descendants are gone.
 * A reader raises :class:`SpecError` on a ``format_version`` it does not know, on malformed fields
   and on non-empty fields it cannot apply, before building anything.
@@ -84,7 +84,7 @@ import re
 import torch
 from torch import nn
 
-from ..adapters.mha import adapt_attention
+from ..engine.adapters.mha import adapt_attention
 
 __all__ = ["FORMAT_VERSION", "ROLES", "SpecError", "PassThrough", "structure_spec", "apply_spec",
            "validate_spec", "layer_role"]
@@ -291,7 +291,7 @@ def structure_spec(model: nn.Module, base_model: nn.Module | None = None, *, met
     Raises :class:`SpecError` if the difference cannot be expressed in format v1 or if applying
     the spec to a fresh base does not reproduce ``model``'s parameter names and shapes.
     """
-    from ..masks import get_mask
+    from ..engine.masks import get_mask
     from .base import base_model_of, build_base, describe_base
 
     if get_mask(model) is not None:
@@ -541,7 +541,7 @@ def apply_spec(model: nn.Module, spec: dict) -> nn.Module:
     removals = [(entry, lookup(entry, f"removed_blocks[{n}]")) for n, entry in enumerate(spec["removed_blocks"])]
     merges = [(entry, lookup(entry, f"merged_blocks[{n}]")) for n, entry in enumerate(spec["merged_blocks"])]
     if merges:
-        from ..methods.updp_merge import MergedBlock
+        from ..methods.updp.merge import MergedBlock
 
         built = [MergedBlock.from_description(entry["became"]) for entry, _ in merges]
 

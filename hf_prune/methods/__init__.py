@@ -13,16 +13,16 @@ from __future__ import annotations
 import importlib
 
 _EXPORTS = {
-    "prune_depth": "hf_prune.methods.updp",
-    "updp_prune": "hf_prune.methods.updp",
-    "find_blocks": "hf_prune.methods.updp",
-    "UPDPAnnealer": "hf_prune.methods.updp",
-    "UPDPCallback": "hf_prune.methods.updp_callback",
-    "UPDPSupernetCallback": "hf_prune.methods.updp_callback",
-    "DepthSupernet": "hf_prune.methods.updp_search",
-    "prune_stagewise": "hf_prune.methods.stagewise",
-    "StageWiseTrainer": "hf_prune.methods.stagewise_trainer",
-    "StageWiseCallback": "hf_prune.methods.stagewise_trainer",
+    "prune_depth": "hf_prune.methods.updp.depth",
+    "updp_prune": "hf_prune.methods.updp.depth",
+    "find_blocks": "hf_prune.methods.updp.depth",
+    "UPDPAnnealer": "hf_prune.methods.updp.depth",
+    "UPDPCallback": "hf_prune.methods.updp.callback",
+    "UPDPSupernetCallback": "hf_prune.methods.updp.callback",
+    "DepthSupernet": "hf_prune.methods.updp.search",
+    "prune_stagewise": "hf_prune.methods.stagewise.supernet",
+    "StageWiseTrainer": "hf_prune.methods.stagewise.callback",
+    "StageWiseCallback": "hf_prune.methods.stagewise.callback",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -1,0 +1,276 @@
+"""Iterative structured pruning on one traced graph: :class:`StructuredPruner`.
+
+A pruner traces the model once, then each :meth:`StructuredPruner.step` scores units, allocates
+a target and installs masks (which only ever grow), after checking on a throw-away compaction that
+the result will compact and run. :meth:`StructuredPruner.compact` removes the masked units. The
+one-shot :func:`hf_prune.prune` and the training callbacks are both built on it.
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import nn
+
+from .allocation import allocate
+from ..errors import CompactionError, PruningError
+from .graph import DependencyGraph, split_inputs
+from .graph.shape_only import NeedsValues, ShapeOnly
+from .importance import normalized_scores, unit_scores
+from .masks import StructuredMask, get_mask, set_mask
+from .surgery import compact_units
+from ..core.execution import eval_pass
+
+
+def _run(model: nn.Module, example_inputs) -> None:
+    """Check that the model runs; on failure raise :class:`_BrokenForward` naming the innermost failing module.
+
+    Shapes are what a compaction can break, so the pass first skips the heavy ops' compute (see
+    :mod:`hf_prune.engine.graph.shape_only`); where that pass stops or fails, a real forward decides.
+    """
+    args, kwargs = split_inputs(example_inputs)
+    stack: list[str] = []
+    names = {id(m): n for n, m in model.named_modules()}
+
+    def push(module, _):
+        stack.append(names.get(id(module), ""))
+
+    def pop(module, _, __):
+        stack.pop()  # not reached when the module raises, so the culprit stays on top
+
+    handles = [nn.modules.module.register_module_forward_pre_hook(push),
+               nn.modules.module.register_module_forward_hook(pop)]
+    try:
+        with torch.no_grad():
+            try:
+                with eval_pass(model), ShapeOnly():
+                    model(*args, **kwargs)
+                return
+            except (NeedsValues, Exception):  # only a real forward decides that the model is broken
+                stack.clear()
+            with eval_pass(model):
+                model(*args, **kwargs)
+    except Exception as exc:
+        raise _BrokenForward(stack[-1] if stack else "") from exc
+    finally:
+        for h in handles:
+            h.remove()
+
+
+class _BrokenForward(Exception):
+    """The pruned model did not run (the model has been restored); ``args[0]`` names the module."""
+
+
+def build_graph(model: nn.Module, example_inputs, **options) -> DependencyGraph:
+    """Trace ``model``; a failure names the module where the forward pass broke."""
+    if example_inputs is None:
+        raise PruningError("structured pruning needs example_inputs (a tensor, tuple or dict such as "
+                           "{'pixel_values': x}) to trace the model")
+    stack: list[str] = []
+    names = {id(m): n for n, m in model.named_modules()}
+
+    def push(module, _):
+        stack.append(names.get(id(module), type(module).__name__))
+
+    def pop(module, _, __):
+        stack.pop()
+
+    handles = [nn.modules.module.register_module_forward_pre_hook(push),
+               nn.modules.module.register_module_forward_hook(pop)]
+    try:
+        return DependencyGraph(model, example_inputs, **options)
+    except PruningError:
+        raise
+    except Exception as exc:
+        where = stack[-1] if stack else "the model's forward"
+        raise PruningError(f"could not trace the model: {type(exc).__name__} in module '{where}': {exc}. "
+                           "Check that example_inputs run through model(...) as given.") from exc
+    finally:
+        for h in handles:
+            h.remove()
+
+
+MAX_REPAIRS = 6
+_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+
+
+def _role(model: nn.Module, name: str) -> tuple:
+    """(layer type, type of the outermost block holding it, path inside that block, indices as '#').
+
+    A layer that breaks the forward pass usually does so because of how its block uses it (a width
+    stored in the block, a split of fixed size), so the same layer at the same place in every other
+    instance of that block breaks alike, while the same layer type elsewhere is fine. The outermost
+    block (below the model and its containers) makes "the same place" as specific as possible.
+    """
+    parts = name.split(".")
+    for cut in range(1, len(parts)):
+        owner = model.get_submodule(".".join(parts[:cut]))
+        if not isinstance(owner, _CONTAINERS):
+            rel = tuple("#" if p.isdigit() else p for p in parts[cut:])
+            return type(model.get_submodule(name)), type(owner), rel
+    return type(model.get_submodule(name)), None, ()
+
+
+def _same_role(model: nn.Module, culprit: str) -> list[str]:
+    """The culprit and every layer in the same role; an outermost block's peers are the blocks of its type."""
+    if not culprit:
+        return [culprit]
+    role = _role(model, culprit)
+    return [n for n, m in model.named_modules() if n and type(m) is role[0] and _role(model, n) == role]
+
+
+def with_repairs(model: nn.Module, build, attempt, *, what: str = "pruning"):
+    """``attempt(build(frozen_modules, frozen_splits))`` until the compacted model runs; returns the pruner.
+
+    ``build`` makes a :class:`StructuredPruner`; ``attempt`` masks or compacts with it and raises
+    :class:`_BrokenForward` (through :meth:`StructuredPruner.apply`) when a layer reads a width the
+    trace cannot see: a split of sizes stored in an enclosing block, or a head size computed as
+    ``C // num_heads``. First the inputs of the splits in the enclosing blocks are kept whole; if
+    there are none (or that did not help), the layer is kept whole wherever it plays the same role.
+    Every method that picks units goes through here, so the repairs are the same everywhere.
+    """
+    frozen: list[str] = []
+    frozen_splits: set[str] = set()
+    for repairs in range(MAX_REPAIRS + 1):
+        pruner = build(frozen, frozen_splits)
+        try:
+            attempt(pruner)
+            return pruner
+        except _BrokenForward as exc:
+            culprit = exc.args[0]
+            peers = _same_role(model, culprit) if culprit else []
+            enclosing = {n.rsplit(".", k)[0] for n in peers for k in range(1, n.count(".") + 1)} | set(peers)
+            splits = enclosing & {m for m, _ in pruner.graph.trace.splits} - frozen_splits
+            if not culprit or repairs == MAX_REPAIRS or (culprit in frozen and not splits):
+                raise PruningError(f"{what} failed and the model was restored: {exc.__cause__!r} in "
+                                   f"module '{culprit}'. That layer reads a width the trace cannot see; "
+                                   "pass it in ignored_layers or use a smaller target.") from exc.__cause__
+            warnings.warn(f"{what} '{culprit}' broke the forward pass ({exc.__cause__!r}); "
+                          f"keeping {'the inputs of splits around it' if splits else 'that layer'} whole and "
+                          "retrying", stacklevel=3)
+            if splits:
+                frozen_splits |= splits
+            else:
+                frozen.extend(peers)
+    raise AssertionError("unreachable")
+
+
+class StructuredPruner:
+    """Masks that grow step by step on one dependency graph; ``compact`` ends it."""
+
+    def __init__(self, model: nn.Module, example_inputs, *, importance="l2", mode="global", round_to=8,
+                 ignored_layers=(), prune_stem=False, frozen_modules=(), frozen_splits=(), watch=()):
+        if get_mask(model) is not None:
+            raise PruningError("this model already carries masks from an earlier prune(..., compact=False); "
+                               "call hf_prune.compact(model) first")
+        self.model = model
+        self.example_inputs = example_inputs
+        self.importance, self.mode, self.round_to = importance, mode, round_to
+        self.graph = build_graph(model, example_inputs, ignored_layers=ignored_layers,
+                                 prune_stem=prune_stem, frozen_modules=frozen_modules,
+                                 frozen_splits=frozen_splits, watch=watch)
+        self.removed = torch.zeros(0, dtype=torch.int64)
+        self.dense_macs = self.graph.macs()
+        self.dense_params = self.graph.params()
+
+    @property
+    def mask(self) -> StructuredMask | None:
+        return get_mask(self.model)
+
+    def plan(self, *, sparsity=None, target_macs=None, scores=None) -> torch.Tensor:
+        """Roots to remove for a target; units removed earlier stay removed."""
+        try:
+            if scores is None:
+                scores = unit_scores(self.graph, self.importance)
+            scores = scores.clone()
+            scores[self.removed] = 0.0
+            removed = allocate(self.graph, scores, normalized_scores(self.graph, scores), sparsity=sparsity,
+                               target_macs=target_macs, mode=self.mode, round_to=self.round_to)
+        except ValueError as exc:
+            raise PruningError(str(exc)) from exc
+        return torch.unique(torch.cat([self.removed, removed]))
+
+    def step(self, *, sparsity=None, target_macs=None, scores=None, compacted=False) -> StructuredMask | None:
+        """Mask more units to reach the target; the model keeps its shapes (see :meth:`apply`)."""
+        return self.apply(self.plan(sparsity=sparsity, target_macs=target_macs, scores=scores), compacted=compacted)
+
+    def apply(self, removed: torch.Tensor, *, compacted: bool = False) -> StructuredMask | None:
+        """Mask exactly the units ``removed`` (root ids of ``self.graph``), checked to compact.
+
+        Replaces any earlier mask of this pruner; the model keeps its shapes. Methods that choose
+        units themselves (searched widths, a resumed checkpoint) go through here. With
+        ``compacted=True`` the units are removed for good instead (one-shot pruning: the check's
+        compaction is kept, which saves a second compaction and forward pass); returns None then.
+        """
+        removed = torch.unique(torch.as_tensor(removed, dtype=torch.int64).reshape(-1))
+        prunable = torch.cat([torch.zeros(0, dtype=torch.int64)] + [g.units for g in self.graph.groups])
+        stray = removed[~torch.isin(removed, prunable)]
+        if stray.numel():
+            raise PruningError(f"apply() got {stray.numel()} ids that are not prunable units of this graph (e.g. "
+                               f"{stray[:3].tolist()}); take them from DependencyGraph.groups[i].units")
+        keep = self.graph.keep_mask(removed)
+        old = self.mask
+        if compacted:
+            if old is not None:
+                raise PruningError("this pruner's model carries masks; call compact() instead of compacted=True")
+            self._compact_checked(keep).discard()
+            self.removed = removed
+            return None
+        if old is not None:
+            old.remove_hooks()
+        mask = StructuredMask(self.model, self.graph, keep)
+        try:
+            mask.remove_hooks()
+            # Only hand out masks that compact: try it and put the model back. The masked model has the
+            # dense shapes and exact norm hooks, so the compacted forward is the one that can break.
+            self._compact_checked(keep).restore()
+            mask.install_hooks(self.model)
+        except BaseException:
+            mask.restore(self.model)
+            if old is not None:
+                old.install_hooks(self.model)
+            raise
+        mask.saved = {}
+        set_mask(self.model, mask)
+        self.removed = removed
+        return mask
+
+    def _compact_checked(self, keep: torch.Tensor):
+        """Compact and run the example inputs; on any failure the model is restored and the error raised."""
+        try:
+            undo = compact_units(self.model, self.graph, keep)
+        except CompactionError as exc:  # handled like a forward that breaks: keep that layer whole
+            raise _BrokenForward(exc.module) from exc
+        try:
+            _run(self.model, self.example_inputs)
+        except BaseException:
+            undo.restore()
+            raise
+        return undo
+
+    def stats(self) -> dict:
+        keep = self.graph.keep_mask(self.removed)
+        macs, params = self.graph.macs(keep), self.graph.params(keep)
+        return {"macs": macs, "params": params, "macs_ratio": macs / max(self.dense_macs, 1),
+                "params_ratio": params / max(self.dense_params, 1)}
+
+    def compact(self) -> nn.Module:
+        return compact(self.model)
+
+
+def compact(model: nn.Module) -> nn.Module:
+    """Physically remove what masks removed; the outputs stay the same."""
+    mask = get_mask(model)
+    if mask is None:
+        raise PruningError("this model has no masks to compact; prune it with compact=False first")
+    mask.remove_hooks()
+    undo = compact_units(model, mask.graph, mask.keep)
+    try:
+        _run(model, mask.graph.example_inputs)
+    except _BrokenForward as exc:
+        undo.restore()
+        mask.install_hooks(model)
+        raise PruningError(f"compaction broke the forward pass in '{exc.args[0]}': {exc.__cause__!r}; "
+                           "the masked model is unchanged") from exc.__cause__
+    set_mask(model, None)
+    return model
