@@ -24,7 +24,15 @@ from torch import nn
 
 from .spec import SpecError
 
-__all__ = ["library_of", "transformers_base_class", "describe_base", "build_base", "timm_model_args"]
+__all__ = ["library_of", "transformers_base_class", "describe_base", "build_base", "timm_model_args", "mark_pruned",
+           "base_config_class", "PRUNED_MODEL_TYPE_PREFIX"]
+
+# A pruned transformers checkpoint says model_type "hf_prune_<base type>" in its config.json: the Auto
+# classes of a plain transformers do not know it and refuse to load it (instead of building the dense
+# architecture and silently re-initialising what pruning changed, e.g. UPDP's merged blocks);
+# hf_prune's loader and the remote code of standalone checkpoints resolve it to the base class.
+PRUNED_MODEL_TYPE_PREFIX = "hf_prune_"
+_PRUNED_CONFIGS: dict[type, type] = {}
 
 # pretrained_cfg keys worth keeping in a timm base description (data config and provenance).
 _TIMM_CFG_KEYS = ("architecture", "tag", "hf_hub_id", "num_classes", "input_size", "fixed_input_size",
@@ -51,6 +59,31 @@ def transformers_base_class(model_or_class) -> type:
                 and not c.__dict__.get("_hf_prune_subclass", False)):
             return c
     raise SpecError(f"{cls.__name__} does not derive from a transformers model class")
+
+
+def base_config_class(config_or_class) -> type:
+    """The transformers config class of a (possibly :func:`mark_pruned`) config or config class."""
+    cls = config_or_class if isinstance(config_or_class, type) else type(config_or_class)
+    while cls.__dict__.get("_hf_prune_config", False):
+        cls = cls.__bases__[0]
+    return cls
+
+
+def mark_pruned(config) -> None:
+    """Make ``config`` save with ``model_type = "hf_prune_<base type>"`` (see ``PRUNED_MODEL_TYPE_PREFIX``).
+
+    transformers writes the class attribute ``model_type``, so the instance's class becomes a cached
+    subclass of its own that only changes that attribute; the model computes exactly as before.
+    """
+    base = base_config_class(config)
+    sub = _PRUNED_CONFIGS.get(base)
+    if sub is None:
+        sub = type(base.__name__, (base,), {
+            "model_type": PRUNED_MODEL_TYPE_PREFIX + base.model_type, "_hf_prune_config": True,
+            "__module__": base.__module__, "__qualname__": base.__qualname__,
+            "__doc__": f"{base.__name__} of a model pruned by hf_prune (saved as a pruned model type)."})
+        _PRUNED_CONFIGS[base] = sub
+    config.__class__ = sub
 
 
 def _jsonable(value: Any) -> Any:
@@ -108,6 +141,7 @@ def _describe_base(model: nn.Module, model_args: dict | None = None) -> dict:
         config.pop("_name_or_path", None)
         config.pop("transformers_version", None)
         config.pop("auto_map", None)
+        config["model_type"] = base_config_class(model.config).model_type
         config["architectures"] = [cls.__name__]
         config = json.loads(json.dumps(config, default=str))  # informative copy: be lenient
         return {"library": "transformers", "architecture": cls.__name__, "config": config}

@@ -19,8 +19,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..api import PRUNE_RECORD
-from .base import _transformers_class, build_base, library_of, transformers_base_class
+from ..core.record import read_record
+from .base import (PRUNED_MODEL_TYPE_PREFIX, _transformers_class, base_config_class, build_base, library_of,
+                   mark_pruned, transformers_base_class)
 from .spec import SpecError, apply_spec, structure_spec, validate_spec
 
 __all__ = ["save_pretrained", "AutoPrunedModel", "pruned_model_class", "read_config", "STANDALONE_FILE"]
@@ -69,7 +70,7 @@ def save_pretrained(model: nn.Module, save_directory: str | os.PathLike, *, metr
     ``model.save_pretrained`` / ``model.push_to_hub`` writes a loadable checkpoint too.
     """
     save_directory = Path(save_directory)
-    record = model.__dict__.get(PRUNE_RECORD, {})  # what hf_prune.prune measured, if it pruned this model
+    record = read_record(model) or {}  # what the pruning run measured, if it pruned this model
     method = method or record.get("method")
     settings = settings if settings is not None else record.get("settings")
     stats = stats if stats is not None else record.get("stats")
@@ -93,6 +94,7 @@ def save_pretrained(model: nn.Module, save_directory: str | os.PathLike, *, metr
     save_directory.mkdir(parents=True, exist_ok=True)
     if library == "transformers":
         model.config.hf_prune = spec
+        mark_pruned(model.config)
         model.save_pretrained(save_directory, **save_kwargs)
         if standalone:
             _write_standalone(model, save_directory)
@@ -131,7 +133,7 @@ def _save_timm(model: nn.Module, path: Path, spec: dict) -> None:
 def _auto_map(model: nn.Module, cls: type) -> dict:
     from transformers.models.auto import modeling_auto
 
-    model_type = model.config.model_type
+    model_type = base_config_class(model.config).model_type
     found = {}
     for auto_name, mapping_name in _AUTO_CLASSES:
         mapping = getattr(modeling_auto, mapping_name, {})
@@ -144,16 +146,25 @@ def _auto_map(model: nn.Module, cls: type) -> dict:
     return found
 
 
-def standalone_source(cls_name: str) -> str:
-    """The text of ``modeling_hf_prune.py`` for the transformers class ``cls_name``."""
+def standalone_source(cls_name: str, config_name: str, model_type: str) -> str:
+    """The text of ``modeling_hf_prune.py`` for the transformers class ``cls_name`` and its config class."""
     code = (_TEMPLATES / STANDALONE_FILE).read_text()
     return code + f'''
 
 from transformers import {cls_name} as _HfPruneBase  # noqa: E402
+from transformers import {config_name} as _HfPruneBaseConfig  # noqa: E402
+
+
+class {config_name}(_HfPruneBaseConfig):
+    """The base model's config; config.json names it "{model_type}" so that only this file resolves it."""
+
+    model_type = "{model_type}"
 
 
 class {cls_name}(_HfPruneBase):
     """{cls_name} resized to the pruned structure in ``config.hf_prune`` (hf_prune format v1)."""
+
+    config_class = {config_name}
 
     def __init__(self, config, *args, **kwargs):
         super().__init__(config, *args, **kwargs)
@@ -169,10 +180,13 @@ class {cls_name}(_HfPruneBase):
 
 def _write_standalone(model: nn.Module, path: Path) -> None:
     cls = transformers_base_class(model)
-    (path / STANDALONE_FILE).write_text(standalone_source(cls.__name__))
+    config_cls = base_config_class(model.config)
+    model_type = PRUNED_MODEL_TYPE_PREFIX + config_cls.model_type
+    (path / STANDALONE_FILE).write_text(standalone_source(cls.__name__, config_cls.__name__, model_type))
     config_file = path / CONFIG_NAME
     config = json.loads(config_file.read_text())
-    config["auto_map"] = _auto_map(model, cls)
+    config["model_type"] = model_type
+    config["auto_map"] = {"AutoConfig": f"{Path(STANDALONE_FILE).stem}.{config_cls.__name__}", **_auto_map(model, cls)}
     config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
@@ -260,14 +274,17 @@ class AutoPrunedModel:
         validate_spec(spec)
         library = spec["base"]["library"]
         if library == "transformers":
-            return _load_transformers(pretrained_model_name_or_path, spec, kwargs)
+            return _load_transformers(pretrained_model_name_or_path, spec, config, kwargs)
         return _load_timm(pretrained_model_name_or_path, spec, config, kwargs)
 
 
-def _load_transformers(path, spec: dict, kwargs: dict) -> nn.Module:
+def _load_transformers(path, spec: dict, raw_config: dict, kwargs: dict) -> nn.Module:
     base_cls = _transformers_class(spec["base"]["architecture"])
     cls = pruned_model_class(base_cls)
     want_info = kwargs.pop("output_loading_info", False)
+    if "config" not in kwargs:  # config.json names the pruned model type; build the base class's config from it
+        fields = {k: v for k, v in raw_config.items() if k != "model_type"}
+        kwargs["config"] = base_config_class(base_cls.config_class).from_dict(fields)
     try:
         model, info = cls.from_pretrained(path, output_loading_info=True, **kwargs)
     except RuntimeError as exc:
@@ -280,6 +297,7 @@ def _load_transformers(path, spec: dict, kwargs: dict) -> nn.Module:
         raise SpecError(f"the weights of {path} do not fit the pruned structure: "
                         + "; ".join(f"{k}: {v[:5]}" for k, v in problems.items() if v))
     model.__class__ = base_cls  # the spec is applied: from here on it is an ordinary model
+    mark_pruned(model.config)  # saved again, it stays a checkpoint plain transformers refuses
     own_memory(model)
     return (model, info) if want_info else model
 
