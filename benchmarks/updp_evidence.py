@@ -108,12 +108,12 @@ def abrupt(dense, blocks, split, calib, args, seed, test, steps):
 
 
 def removed(dense, blocks, split, args, seed, steps):
-    from hf_prune.methods.updp.depth import _set_module, find_blocks
+    from hf_prune.methods.updp.depth import set_module, find_blocks
 
     model = copy.deepcopy(dense)
     refs = find_blocks(model)
     for i in blocks:
-        _set_module(model, refs[i].path, nn.Identity())
+        set_module(model, refs[i].path, nn.Identity())
     fit(model, split, steps, lr=args.lr, seed=seed, batch_size=args.batch_size)
     return model
 

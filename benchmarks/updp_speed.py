@@ -45,7 +45,7 @@ ANCHOR = ("ConvNeXt-T with blocks removed to depths 2-2-3-2 (9 of 18 blocks), 52
 
 
 def make_variants(name: str, ks: list[int], removed_ks: list[int], log) -> tuple[dict, list[dict], torch.Tensor]:
-    from hf_prune.methods.updp.depth import _set_module, find_blocks, prune_depth
+    from hf_prune.methods.updp.depth import set_module, find_blocks, prune_depth
     from hf_prune.metrics.profiling import count_macs
 
     torch.manual_seed(0)
@@ -72,7 +72,7 @@ def make_variants(name: str, ks: list[int], removed_ks: list[int], log) -> tuple
         if k in removed_ks:
             r = copy.deepcopy(dense)
             for p in blocks:
-                _set_module(r, p, nn.Identity())
+                set_module(r, p, nn.Identity())
             macs_r = count_macs(r, x)
             models[f"removed-{k}"] = r.eval()
             rows.append({"model": name, "variant": f"removed-{k}", "blocks": blocks, "macs": macs_r,

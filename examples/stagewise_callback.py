@@ -37,12 +37,11 @@ def main(argv=None):
                                                       depths=[1, 1, 1, 1], layer_type="basic", num_labels=10))
     Trainer(model=model, args=training(args.dense_steps, 3e-3), train_dataset=train).train()  # the "pretrained" net
 
-    callback = StageWiseCallback(target_macs=args.target_macs, round_to=4)
+    callback = StageWiseCallback(target_macs=args.target_macs, round_to=4, population=8, generations=2)
     trainer = StageWiseTrainer(model=model, args=training(args.max_steps, 1e-3), train_dataset=train,
                                eval_dataset=val, callbacks=[callback])
-    trainer.train()                                         # the width supernet, stage by stage
-    subnet = trainer.search(population=8, generations=2)    # best proxy accuracy under the budget
-    found = trainer.search_result
+    trainer.train()   # the width supernet, stage by stage; at the end the best subnet under the budget is kept
+    subnet, found = model, callback.search_result
     print(f"searched subnet: {found.macs_ratio:.0%} of the MACs, proxy accuracy {found.score:.3f}")
 
     Trainer(model=subnet, args=training(args.finetune_steps, 1e-3), train_dataset=train).train()

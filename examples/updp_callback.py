@@ -54,7 +54,7 @@ def main(argv=None):
     with torch.no_grad():
         assert torch.equal(model.eval()(x).logits, reloaded(x).logits)
     acc = accuracy(reloaded, val)
-    merged = [e["path"] for e in updp_cb.record["merged_blocks"]]
+    merged = [e["path"] for e in updp_cb.annealer.merged]
     print(f"merged {merged}; validation accuracy {acc:.3f}")
     return acc, merged, result
 

@@ -9,25 +9,40 @@ import importlib
 __version__ = "0.1.0"
 
 _EXPORTS = {
+    # one-shot pruning and the method protocol
     "prune": "hf_prune.api",
-    "compact": "hf_prune.engine.pruner",
+    "compact": "hf_prune.api",
+    "register_method": "hf_prune.registry",
+    "list_methods": "hf_prune.registry",
+    "PruningConfig": "hf_prune.config",
+    "DepGraphConfig": "hf_prune.methods.depgraph.config",
+    "UPDPConfig": "hf_prune.methods.updp.config",
+    "StageWiseConfig": "hf_prune.methods.stagewise.config",
+    "RDConfig": "hf_prune.methods.rd.config",
+    "OViTConfig": "hf_prune.methods.ovit.config",
+    "MagnitudeConfig": "hf_prune.methods.magnitude.config",
     "PruningError": "hf_prune.errors",
+    "ConfigError": "hf_prune.errors",
+    # the engine
     "DependencyGraph": "hf_prune.engine.graph",
     "StructuredPruner": "hf_prune.engine.pruner",
     "profile": "hf_prune.metrics.profiling",
+    # the Hub
     "save_pretrained": "hf_prune.hub",
     "push_to_hub": "hf_prune.hub",
     "AutoPrunedModel": "hf_prune.hub",
+    # training
     "PruningCallback": "hf_prune.trainer.callback",
-    "DepGraphCallback": "hf_prune.trainer.callback",
+    "DepGraphCallback": "hf_prune.methods.depgraph.callback",
     "UPDPCallback": "hf_prune.methods.updp.callback",
     "UPDPSupernetCallback": "hf_prune.methods.updp.callback",
     "DepthSupernet": "hf_prune.methods.updp.search",
-    "staged_finetune": "hf_prune.trainer.staged",
     "StageWiseTrainer": "hf_prune.methods.stagewise.callback",
     "StageWiseCallback": "hf_prune.methods.stagewise.callback",
-    "RDCallback": "hf_prune.methods.rd.curves",
-    "OViTCallback": "hf_prune.methods.ovit.obs",
+    "RDCallback": "hf_prune.methods.rd.callback",
+    "OViTCallback": "hf_prune.methods.ovit.callback",
+    "MagnitudeCallback": "hf_prune.methods.magnitude.callback",
+    "staged_finetune": "hf_prune.trainer.staged",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -174,3 +174,32 @@ def _find(path_or_repo_id, filename: str, hub_kwargs: dict):
         return hf_hub_download(str(path_or_repo_id), filename, **hub_kwargs)
     except EntryNotFoundError:
         return None
+
+
+@dataclasses.dataclass
+class ScheduleConfig(PruningConfig):
+    """Fields of methods that prune gradually during training on a sparsity schedule.
+
+    ``schedule``: ``"cubic"`` (Zhu & Gupta), ``"linear"`` or ``"oneshot"``; ``start`` / ``end``: where
+    pruning starts and reaches the final target (fractions of training as floats, optimizer steps as
+    ints); ``frequency``: prune every this many steps in between; ``initial``: amount pruned at ``start``.
+    One-shot pruning (:func:`hf_prune.prune`) ignores them.
+    """
+
+    schedule: str = "cubic"
+    start: float = 0.0
+    end: float = 0.7
+    frequency: int = 1
+    initial: float = 0.0
+
+    def make_schedule(self, kind: str, target: float | None = None):
+        """The :class:`~hf_prune.core.schedules.SparsitySchedule` these fields describe for ``kind``
+        (``"target_macs"`` or ``"sparsity"``), ending at ``target`` (default: the config's field)."""
+        from .core.schedules import make_schedule
+
+        value = getattr(self, kind) if target is None else target
+        try:
+            return make_schedule(self.schedule, start=self.start, end=self.end, frequency=self.frequency,
+                                 initial=self.initial, **{kind: value})
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None

@@ -18,3 +18,7 @@ class CompactionError(PruningError):
     def __init__(self, module: str, message: str):
         super().__init__(message)
         self.module = module
+
+
+class SpecError(ValueError):
+    """A structure spec that is malformed, of an unknown version, or does not fit the model."""

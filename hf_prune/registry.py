@@ -7,6 +7,10 @@ look methods up here, so a new method is one package plus one call::
     register_method("mymethod", MyConfig, "mypkg.oneshot:prune_mine", "mypkg.callback:MyCallback",
                     kind="weights", paper="...", example={"sparsity": 0.5})
 
+``example`` holds settings that show the method on a small model (the contract tests use them);
+``needs_calib`` says that one-shot pruning needs calibration data; ``trainer`` is the Trainer class
+the callback trains with (a subclass when the method changes the loss, as SP's does).
+
 ``oneshot_fn(model, config, *, example_inputs=None, calib=None, **runtime) -> dict`` prunes
 ``model`` in place and returns its stats (``params_before``/``params_after``, ``macs_before``/
 ``macs_after``, ``sparsity``, ...); :func:`hf_prune.prune` validates the inputs, calls it and writes
@@ -41,6 +45,7 @@ class Method:
     summary: str = ""
     example: dict = field(default_factory=dict)
     needs_calib: bool = False
+    trainer: object = "transformers:Trainer"
 
     def _resolve(self, ref):
         if isinstance(ref, str):
@@ -56,6 +61,11 @@ class Method:
     def callback_cls(self):
         return self._resolve(self.callback)
 
+    @property
+    def trainer_cls(self):
+        """The Trainer class the callback trains with (a subclass when the method changes the loss)."""
+        return self._resolve(self.trainer)
+
 
 _METHODS: dict[str, Method] = {}
 _BUILTINS_LOADED = False
@@ -63,7 +73,7 @@ _BUILTINS_LOADED = False
 
 def register_method(name: str, config_cls: type, oneshot_fn, callback_cls, *, kind: str = "structured",
                     paper: str = "", summary: str = "", example: dict | None = None, needs_calib: bool = False,
-                    replace: bool = False) -> Method:
+                    trainer="transformers:Trainer", replace: bool = False) -> Method:
     """Register a pruning method under ``name`` (see the module docstring); returns its entry."""
     if not isinstance(name, str) or not name.isidentifier():
         raise ConfigError(f"method name {name!r} must be an identifier (letters, digits, underscores)")
@@ -76,7 +86,7 @@ def register_method(name: str, config_cls: type, oneshot_fn, callback_cls, *, ki
         raise ConfigError(f"a method named {name!r} is already registered; pass replace=True to override it")
     entry = Method(name, config_cls, oneshot_fn, callback_cls, kind=kind, paper=paper,
                    summary=summary or (config_cls.__doc__ or "").strip().split("\n")[0],
-                   example=dict(example or {}), needs_calib=needs_calib)
+                   example=dict(example or {}), needs_calib=needs_calib, trainer=trainer)
     _METHODS[name] = entry
     return entry
 

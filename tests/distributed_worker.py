@@ -45,7 +45,7 @@ def main(out_dir: str) -> None:
     from accelerate import PartialState
     from transformers import Trainer, TrainingArguments
 
-    from hf_prune.trainer.callback import DepGraphCallback
+    from hf_prune.methods.depgraph.callback import DepGraphCallback
     from hf_prune.data import load_digits
 
     state = PartialState(cpu=True)

@@ -40,7 +40,7 @@ def main(out_dir: str) -> None:
     torch.manual_seed(0)
     model = ResNetForImageClassification(ResNetConfig(embedding_size=8, hidden_sizes=[8, 16, 24, 32],
                                                       depths=[1, 1, 1, 1], layer_type="basic", num_labels=10))
-    cb = StageWiseCallback(target_macs=0.8, round_to=4, num_random=2, seed=7)
+    cb = StageWiseCallback(target_macs=0.8, round_to=4, num_random=2, seed=7, search_at_end=False)
     draws = []
 
     class Recorder(TrainerCallback):  # runs after the SP callback at every step: sees its draw

@@ -40,7 +40,7 @@ def _args(tmp_path, steps, lr):
 def test_vit_on_digits_pruned_to_half_macs_keeps_accuracy(tmp_path, record_property):
     from transformers import Trainer, ViTForImageClassification
 
-    from hf_prune.trainer.callback import DepGraphCallback
+    from hf_prune.methods.depgraph.callback import DepGraphCallback
     from hf_prune.data import accuracy, load_digits
     from hf_prune.engine.pruner import StructuredPruner
 

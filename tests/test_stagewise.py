@@ -15,8 +15,9 @@ import pytest
 import torch
 
 from hf_prune.errors import PruningError
-from hf_prune.methods.stagewise.supernet import (Supernet, evolutionary_search, find_stages, kendall_tau,
-                                                 prune_stagewise)
+from hf_prune import StageWiseConfig
+from hf_prune.methods.stagewise.oneshot import prune_stagewise
+from hf_prune.methods.stagewise.supernet import Supernet, evolutionary_search, find_stages, kendall_tau
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -164,8 +165,9 @@ def test_sandwich_sampling_covers_max_and_min_every_step_and_is_seeded_by_step()
     other.setup(tiny("resnet"), total_steps=10, example_inputs={"pixel_values": torch.randn(2, 3, 32, 32)})
     torch.manual_seed(999)  # global RNG state must not matter
     assert [other.sample(t) for t in reversed(range(6))] == list(reversed(draws))
-    assert _callback(num_random=3, seed=6).setup(tiny("resnet"), 10, {"pixel_values": torch.randn(2, 3, 32, 32)}) \
-        is not None
+    third = _callback(num_random=3, seed=6)
+    third.setup(tiny("resnet"), 10, {"pixel_values": torch.randn(2, 3, 32, 32)})
+    assert [third.sample(t) for t in range(6)] != draws  # another seed, another sequence
 
 
 def test_sequential_schedule_varies_only_the_current_stage():
@@ -235,18 +237,22 @@ def test_oneshot_prune_stagewise_meets_budget_and_is_transactional():
     model = tiny("resnet")
     _noisy_bn_stats(model, 32)
     x = torch.randn(2, 3, 32, 32)
+    calib = [{"pixel_values": torch.randn(8, 3, 32, 32), "labels": torch.randint(10, (8,))}]
     with pytest.raises(PruningError, match=r"target_macs=0\.01 is below the smallest subnet"):
-        prune_stagewise(model, {"pixel_values": x}, 0.01, round_to=1)
+        prune_stagewise(model, StageWiseConfig(target_macs=0.01, round_to=1), example_inputs={"pixel_values": x},
+                        calib=calib)
+    with pytest.raises(PruningError, match="searches widths by accuracy: pass calib="):
+        prune_stagewise(model, StageWiseConfig(target_macs=0.7), example_inputs={"pixel_values": x})
     fresh = tiny("resnet")
     _noisy_bn_stats(fresh, 32)
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), fresh.state_dict().values()))
     from hf_prune.engine.graph import DependencyGraph
 
     dense = DependencyGraph(model, {"pixel_values": x}).macs()
-    calib = [{"pixel_values": torch.randn(8, 3, 32, 32), "labels": torch.randint(10, (8,))}]
-    prune_stagewise(model, {"pixel_values": x}, 0.7, round_to=1, calib=calib, population=4, generations=2)
+    stats = prune_stagewise(model, StageWiseConfig(target_macs=0.7, round_to=1, population=4, generations=2),
+                            example_inputs={"pixel_values": x}, calib=calib)
     assert DependencyGraph(model, {"pixel_values": x}).macs() <= 0.7 * dense
-    assert model.hf_prune_record["method"] == "stagewise" and model.hf_prune_record["settings"]["searched"]
+    assert stats["macs_after"] <= 0.7 * stats["macs_before"] and 0.0 <= stats["proxy_accuracy"] <= 1.0
 
 
 # ------------------------------------------------------------------------------------------ errors
@@ -260,7 +266,7 @@ def test_errors_name_the_value_and_the_fix():
         Supernet(tiny("resnet"), x, stages=["encoder.nope"], make_teacher=False)
     with pytest.raises(PruningError, match=r"stages='stage1' is not understood"):
         _callback(stages="stage1")
-    with pytest.raises(PruningError, match=r"supervision='both' must be one of"):
+    with pytest.raises(PruningError, match=r"supervision='both' is not one of"):
         _callback(supervision="both")
     with pytest.raises(PruningError, match=r"ratios=.*must be numbers in \(0, 1\]"):
         Supernet(tiny("resnet"), x, ratios=(0.0, 1.0), make_teacher=False)
@@ -302,14 +308,14 @@ def test_trainer_end_to_end_on_digits(tmp_path):
 
     train, val = load_digits(source="sklearn", image_size=32, channels=3)
     model = tiny("resnet")
-    cb = _callback(target_macs=0.8, round_to=4)
+    cb = _callback(target_macs=0.8, round_to=4, search_at_end=False)
     trainer = StageWiseTrainer(model=model, args=_args(tmp_path, 6), train_dataset=train, eval_dataset=val,
                                callbacks=[cb])
     teacher_state = copy.deepcopy(model.state_dict())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer.train()
-    assert any("stagewise/loss_min" in h for h in trainer.state.log_history)
+    assert any("prune/loss_min" in h for h in trainer.state.log_history)
     assert not all(torch.equal(teacher_state[k], v) for k, v in model.state_dict().items())  # weights trained
     assert all(torch.equal(teacher_state[k], v) for k, v in cb.teacher.state_dict().items())  # teacher frozen
     subnet = trainer.search(population=4, generations=2, eval_batches=2, calib_batches=2)
@@ -317,7 +323,7 @@ def test_trainer_end_to_end_on_digits(tmp_path):
     assert r.macs_ratio <= 0.8 and 0.0 <= r.score <= 1.0
     assert sum(p.numel() for p in subnet.parameters()) < sum(p.numel() for p in model.parameters())
     # the proxy of the chosen subnet is what the extracted subnet scores (BN recalibrated identically)
-    evals = trainer._batches(val, trainer.args.per_device_eval_batch_size, 2, False, cb.seed)
+    evals = trainer._batches(val, trainer.args.per_device_eval_batch_size, 2, False, cb.config.seed)
     correct = sum(int((subnet(pixel_values=b["pixel_values"]).logits.argmax(-1) == b["labels"]).sum()) for b in evals)
     assert correct / sum(len(b["labels"]) for b in evals) == pytest.approx(r.score)
     hf_prune.save_pretrained(subnet, tmp_path / "subnet")
@@ -330,26 +336,26 @@ def test_checkpoint_resume_restores_sampler_state(tmp_path):
     from hf_prune.methods.stagewise.callback import StageWiseTrainer
 
     train, _ = load_digits(source="sklearn", image_size=32, channels=3)
-    cb = _callback(num_random=1, seed=3)
+    cb = _callback(num_random=1, seed=3, search_at_end=False)
     args = _args(tmp_path, 4, save_strategy="steps", save_steps=2)
     trainer = StageWiseTrainer(model=tiny("resnet"), args=args, train_dataset=train, callbacks=[cb])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer.train()
     saved = json.loads((tmp_path / "checkpoint-2" / "hf_prune_state.json").read_text())
-    assert saved["global_step"] == 2 and saved["orders"] == cb.supernet.orders_state()
-    assert [h[0] for h in saved["history"]] == [0, 1]
+    assert saved["global_step"] == 2 and saved["state"]["orders"] == cb.supernet.orders_state()
+    assert [h[0] for h in saved["state"]["history"]] == [0, 1]
 
     # resume in a "new process": a fresh model whose own l2 order differs; the saved order must win
-    resumed_cb = _callback(num_random=1, seed=3)
+    resumed_cb = _callback(num_random=1, seed=3, search_at_end=False)
     fresh = tiny("resnet", seed=1)
     trainer2 = StageWiseTrainer(model=fresh, args=args, train_dataset=train, callbacks=[resumed_cb])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer2.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
-    assert resumed_cb.supernet.orders_state() == saved["orders"]
+    assert resumed_cb.supernet.orders_state() == saved["state"]["orders"]
     assert Supernet(tiny("resnet", seed=1), {"pixel_values": torch.randn(2, 3, 32, 32)}, round_to=1,
-                    make_teacher=False).orders_state() != saved["orders"]
+                    make_teacher=False).orders_state() != saved["state"]["orders"]
     assert resumed_cb.history == cb.history  # steps 2 and 3 drew exactly what the uninterrupted run drew
 
 

@@ -331,7 +331,7 @@ def test_callback_plain_loop():
         opt.step()
         opt.zero_grad()
     assert lams == pytest.approx([0.0, 0.25, 0.5, 0.75, 1.0])
-    assert cb.log_entries() == {"updp/lambda": 1.0, "updp/blocks": 1}
+    assert cb.log_entries() == {"prune/lambda": 1.0, "prune/blocks": 1}
     state = cb.state_dict()
     model.eval()
     with torch.no_grad():
@@ -339,7 +339,8 @@ def test_callback_plain_loop():
     cb.finish()
     assert not any(isinstance(m, AnnealedBlock) for m in model.modules())
     assert sum(isinstance(m, MergedBlock) for m in model.modules()) == 1
-    assert [e["path"] for e in cb.record["merged_blocks"]] == state["blocks"]
+    assert [e["path"] for e in cb.annealer.merged] == state["blocks"]
+    assert cb.record["method"] == "updp" and cb.record["stats"]["merged_blocks"] == 1
     with torch.no_grad():
         y2 = call(model, x)
     assert float((y2 - y1).abs().max() / y1.abs().max()) <= TOL

@@ -11,9 +11,24 @@ from torch import nn
 from hf_prune.errors import PruningError
 from hf_prune.methods.ovit import obs as ovit
 from hf_prune.methods.rd import curves as rd
-from hf_prune.sparse.allocation import ALLOCATORS, allocate_erk, prune_weights
+from hf_prune import OViTCallback, RDCallback
+from hf_prune.registry import get_method
+from hf_prune.sparse.allocation import ALLOCATORS, allocate_erk
 from hf_prune.sparse.masks import (WeightMasks, get_weight_masks, is_nm, prunable_layers, safetensors_size,
                                    select_magnitude, select_nm, to_semi_structured)
+
+
+def oneshot(model, method, calib=None, **kwargs):
+    """A weight method's one-shot function with its config built from ``kwargs`` (the rest are its options);
+    returns the stats it computed."""
+    entry = get_method(method)
+    fields = {k: v for k, v in kwargs.items() if k in entry.config_cls.field_names()}
+    options = {k: v for k, v in kwargs.items() if k not in fields}
+    return entry.oneshot_fn(model, entry.config_cls(**fields), calib=calib, **options)
+
+
+def prune_weights(model, method="magnitude", **kwargs):
+    return oneshot(model, method, **kwargs)
 
 
 def small_cnn(seed: int = 0) -> nn.Module:
@@ -234,7 +249,7 @@ def test_obs_beats_magnitude_on_exact_quadratic(block):
 
 def test_ovit_prune_global_threshold_and_nm(calib):
     m = small_cnn()
-    stats = ovit.ovit_prune(m, 0.7, calib, block_size=16, num_grads=4, damping=1e-6)
+    stats = oneshot(m, "ovit", calib, sparsity=0.7, block_size=16, num_grads=4, damping=1e-6)
     wm = get_weight_masks(m)
     N = stats["num_weights"]
     assert stats["num_pruned"] == round(0.7 * N)
@@ -244,7 +259,7 @@ def test_ovit_prune_global_threshold_and_nm(calib):
         assert bool((wm.weight(n)[~wm[n]] == 0).all())
     # N:M with OBS
     m2 = small_cnn()
-    s2 = ovit.ovit_prune(m2, None, calib, nm=(2, 4), block_size=16, num_grads=4)
+    s2 = oneshot(m2, "ovit", calib, nm=(2, 4), block_size=16, num_grads=4)
     wm2 = get_weight_masks(m2)
     assert s2["global_sparsity"] == pytest.approx(0.5)
     assert all(is_nm(wm2.weight(n), 2, 4) and is_nm(wm2[n], 2, 4) for n in wm2.layers)
@@ -286,7 +301,7 @@ def test_block_fisher_inverse_equals_sherman_morrison(rows):
 def _ovit_result(calib, **opts):
     m = small_cnn()
     info = {}
-    stats = ovit.ovit_prune(m, 0.7, calib, block_size=16, damping=1e-6, info=info, **opts)
+    stats = oneshot(m, "ovit", calib, sparsity=0.7, block_size=16, damping=1e-6, info=info, **opts)
     wm = get_weight_masks(m)
     return {n: wm[n].clone() for n in wm.layers}, {n: wm.weight(n).detach().clone() for n in wm.layers}, info, stats
 
@@ -324,11 +339,11 @@ def test_memory_bounded_fisher_gives_the_same_masks(calib, allocation):
 def test_memory_bound_errors(calib):
     m = small_cnn()
     with pytest.raises(PruningError, match=r"max_fisher_mb=0.01 .* layer '2' .* at least 0.2"):
-        ovit.ovit_prune(m, 0.5, calib, block_size=16, num_grads=8, fisher="blocks", max_fisher_mb=0.01)
+        oneshot(m, "ovit", calib, sparsity=0.5, block_size=16, num_grads=8, fisher="blocks", max_fisher_mb=0.01)
     assert get_weight_masks(m) is None  # transactional
     gen = (b for b in calib)  # cannot be re-iterated for the second group
     with pytest.raises(PruningError, match="re-iterable"):
-        ovit.ovit_prune(m, 0.5, gen, block_size=16, num_grads=4, fisher="blocks", max_fisher_mb=0.35)
+        oneshot(m, "ovit", gen, sparsity=0.5, block_size=16, num_grads=4, fisher="blocks", max_fisher_mb=0.35)
 
 
 def test_nm_magnitude_pattern():
@@ -369,13 +384,13 @@ def test_semi_structured_needs_cuda(monkeypatch):
 def test_weight_callbacks_plain_loop(which, calib, tmp_path):
     m = small_cnn()
     if which == "rd":
-        cb = rd.RDCallback(sparsity=0.6, schedule="linear", start=1, end=5, frequency=2, calib=calib[:1], grid=4)
+        cb = RDCallback(sparsity=0.6, schedule="linear", start=1, end=5, frequency=2, calib=calib[:1], grid=4)
     elif which == "ovit":
-        cb = ovit.OViTCallback(sparsity=0.6, schedule="cubic", start=1, end=5, frequency=2, calib=calib,
+        cb = OViTCallback(sparsity=0.6, schedule="cubic", start=1, end=5, frequency=2, calib=calib,
                                block_size=16, num_grads=2)
     else:
-        cb = ovit.OViTCallback(sparsity=0.6, schedule="cubic", start=3, end=7, frequency=2, block_size=16,
-                               num_grads=2)
+        cb = OViTCallback(sparsity=0.6, schedule="cubic", start=3, end=7, frequency=2, block_size=16,
+                          num_grads=2, fisher_source="training")
     cb.setup(m, total_steps=8)
     opt = torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9)
     seen = []
@@ -413,7 +428,7 @@ def test_strided_weights_channels_last(calib):
     before = m[2].weight.detach().clone()
     rd.distortion_curves(m, calib, grid=3)
     assert torch.equal(before, m[2].weight)  # restored
-    stats = ovit.ovit_prune(m, 0.5, calib, block_size=16, num_grads=2)
+    stats = oneshot(m, "ovit", calib, sparsity=0.5, block_size=16, num_grads=2)
     wm = get_weight_masks(m)
     assert stats["num_pruned"] == round(0.5 * stats["num_weights"])
     assert all(bool((wm.weight(n)[~wm[n]] == 0).all()) for n in wm.layers)
@@ -431,7 +446,7 @@ def test_rd_callback_in_trainer(tmp_path):
     model = ViTForImageClassification(cfg)
     g = torch.Generator().manual_seed(0)
     data = [{"pixel_values": torch.randn(3, 16, 16, generator=g), "labels": int(i % 10)} for i in range(32)]
-    cb = rd.RDCallback(sparsity=0.5, schedule="linear", start=1, end=3, frequency=2, grid=3, calib_size=8,
+    cb = RDCallback(sparsity=0.5, schedule="linear", start=1, end=3, frequency=2, grid=3, calib_size=8,
                        calib_batch_size=8)
     args = TrainingArguments(output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=8, save_steps=2,
                              logging_steps=2, report_to=[], use_cpu=True, learning_rate=1e-2, save_only_model=True,
@@ -443,7 +458,7 @@ def test_rd_callback_in_trainer(tmp_path):
     assert all(bool((wm.weight(n)[~wm[n]] == 0).all()) for n in wm.layers)
     assert not any("patch_embeddings" in n or n == "classifier" for n in wm.layers)
     state = json.loads((tmp_path / "checkpoint-2" / "hf_prune_state.json").read_text())
-    assert state["callback"] == "RDCallback" and "weight_masks" in state
+    assert state["callback"] == "RDCallback" and "weight_masks" in state["state"]
     assert any("prune/sparsity" in h for h in trainer.state.log_history)
 
 
@@ -476,7 +491,8 @@ def test_ovit_callback_in_trainer(tmp_path):
     model = ViTForImageClassification(cfg)
     g = torch.Generator().manual_seed(0)
     data = [{"pixel_values": torch.randn(3, 16, 16, generator=g), "labels": int(i % 10)} for i in range(48)]
-    cb = ovit.OViTCallback(sparsity=0.6, schedule="cubic", start=2, end=5, frequency=1, block_size=16, num_grads=2)
+    cb = OViTCallback(sparsity=0.6, schedule="cubic", start=2, end=5, frequency=1, block_size=16, num_grads=2,
+                      fisher_source="training")
     args = TrainingArguments(output_dir=str(tmp_path), max_steps=6, per_device_train_batch_size=8, save_strategy="no",
                              logging_steps=3, report_to=[], use_cpu=True, learning_rate=1e-2,
                              dataloader_num_workers=0)

@@ -313,7 +313,7 @@ def main(argv: list[str] | None = None) -> dict:
                          "(fraction of prunable parameters to remove, e.g. 0.3)")
     set_seed(training_args.seed)
 
-    from hf_prune.trainer.callback import DepGraphCallback
+    from hf_prune.methods.depgraph.callback import DepGraphCallback
 
     raw_train, raw_eval, labels, kind = load_data(data_args, training_args.seed)
     model = load_model(model_args, labels)
@@ -340,8 +340,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     training_args.push_to_hub = False  # pushing is done below, with the structure spec
     trainer = Trainer(model=model, args=training_args, train_dataset=train_ds, eval_dataset=eval_ds,
-                      compute_metrics=compute_metrics)
-    callback.attach(trainer)
+                      compute_metrics=compute_metrics, callbacks=[callback])
     train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     metrics = dict(train_result.metrics)
     if eval_ds is not None:
@@ -349,7 +348,7 @@ def main(argv: list[str] | None = None) -> dict:
     stats = callback.final_stats or {}
     results = {
         "model": model_args.model, "dataset": data_args.dataset, "method": prune_args.method,
-        "settings": callback.settings, "events": callback.events,
+        "settings": callback.config.to_dict(), "events": callback.events,
         "macs_before": int(stats.get("dense_macs", 0)), "macs_after": int(stats.get("macs", 0)),
         "macs_ratio": float(stats.get("macs_ratio", 1.0)), "params_ratio": float(stats.get("params_ratio", 1.0)),
         "metrics": {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))},
@@ -358,7 +357,7 @@ def main(argv: list[str] | None = None) -> dict:
         out = Path(training_args.output_dir)
         accuracy = metrics.get("eval_accuracy")
         card_metrics = {"accuracy": float(accuracy)} if accuracy is not None else None
-        save_kwargs = dict(method=prune_args.method, settings=callback.settings,
+        save_kwargs = dict(method=prune_args.method, settings=callback.config.to_dict(),
                            stats={"macs_before": results["macs_before"], "macs_after": results["macs_after"]})
         try:
             from hf_prune.hub import save_pretrained

@@ -103,7 +103,8 @@ def main(argv: list[str] | None = None) -> dict:
     callback = StageWiseCallback(
         target_macs=sp.target_macs, ratios=tuple(float(r) for r in sp.ratios.split(",")), round_to=sp.round_to,
         num_random=sp.num_random, supervision=sp.supervision, stage_schedule=sp.stage_schedule,
-        stages=sp.stages.split(",") if sp.stages else "auto", num_stages=sp.num_stages, seed=training_args.seed)
+        stages=sp.stages.split(",") if sp.stages else "auto", num_stages=sp.num_stages, seed=training_args.seed,
+        search_at_end=False)
     trainer = StageWiseTrainer(model=model, args=training_args, train_dataset=train_ds, eval_dataset=eval_ds,
                                callbacks=[callback])
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
@@ -125,7 +126,7 @@ def main(argv: list[str] | None = None) -> dict:
     metrics = ft.evaluate() if eval_ds is not None else {}
     record = subnet.__dict__.get("hf_prune_record", {})
     results = {"model": model_args.model, "dataset": data_args.dataset, "method": "stagewise",
-               "settings": callback.settings, "choice": list(found.choice), "widths": found.widths,
+               "settings": callback.config.to_dict(), "choice": list(found.choice), "widths": found.widths,
                "proxy_accuracy": found.score, "macs_ratio": found.macs_ratio, "latency_ms": found.latency_ms,
                "stats": record.get("stats", {}),
                "metrics": {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}}
@@ -135,7 +136,7 @@ def main(argv: list[str] | None = None) -> dict:
         out = Path(training_args.output_dir)
         acc = metrics.get("eval_accuracy")
         card_metrics = {"accuracy": float(acc)} if acc is not None else None
-        save_kwargs = dict(method="stagewise", settings=dict(callback.settings, widths=found.widths),
+        save_kwargs = dict(method="stagewise", settings=dict(callback.config.to_dict(), widths=found.widths),
                            stats={k: v for k, v in record.get("stats", {}).items() if k.startswith("macs")})
         save_pretrained(subnet, out, metrics=card_metrics, **save_kwargs)
         if push_repo:

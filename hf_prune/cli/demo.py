@@ -254,7 +254,7 @@ def _run_one(key: str, budget: Budget, data, *, seed: int, out_dir: str, hub, lo
     import torch
 
     from ..api import PruningError, prune
-    from .main import _threads_text, call_hub, paired_latency
+    from ..metrics.profiling import paired_latency, threads_text
     from ..data import accuracy
     from ..engine.graph import DependencyGraph
 
@@ -335,9 +335,9 @@ def _run_one(key: str, budget: Budget, data, *, seed: int, out_dir: str, hub, lo
             {"type": "accuracy", "value": r["acc_dense"], "name": "top-1 accuracy (dense model)",
              "dataset": dataset},
         ]
-        call_hub(save_pretrained, model, path, metrics=metrics,
-                 speed={"speedup": round(r["speedup"], 2),
-                        "device": _threads_text(torch.get_num_threads()), "batch": LATENCY_BATCH})
+        save_pretrained(model, path, metrics=metrics,
+                        speed={"speedup": round(r["speedup"], 2),
+                               "device": threads_text(torch.get_num_threads()), "batch": LATENCY_BATCH})
         reloaded = auto.from_pretrained(path).eval()
         check = {"pixel_values": val_split.pixel_values[:64]}
         with torch.inference_mode():
@@ -416,14 +416,14 @@ def _run_demo(*, quick: bool, out_dir: str, seed: int, stream: TextIO | None, pr
     cpu_start = time.process_time()
     import torch
 
-    from .main import _threads_text
+    from ..metrics.profiling import threads_text
 
     budgets = QUICK if quick else FULL
     train_split, val_split, data_name = _load_data(seed, log)
     hub = _hub(log)
     log(f"hf-prune demo{' (quick)' if quick else ''}: {data_name}; {len(train_split)} train / "
         f"{len(val_split)} val images at 32x32; DepGraph to {TARGET_MACS:.0%} of the MACs and UPDP; "
-        f"{_threads_text(torch.get_num_threads())}")
+        f"{threads_text(torch.get_num_threads())}")
     results: dict[str, Any] = {}
     for key, (title, _) in MODELS.items():
         b = budgets[key]

@@ -2,7 +2,7 @@
 
 ::
 
-    hf-prune prune MODEL --method depgraph (--target-macs F | --sparsity F) [--output DIR] ...
+    hf-prune prune MODEL [--method NAME] (--target-macs F | --sparsity F | --num-blocks K | --config FILE) ...
     hf-prune profile MODEL [--image-size N] [--batch-size N] [--json]
     hf-prune demo [--quick] [--output DIR] [--json]
 
@@ -67,7 +67,7 @@ def _non_negative_int(text: str) -> int:
     return value
 
 
-def _fraction(text: str) -> float:
+def _number(text: str) -> float:
     try:
         return float(text)
     except ValueError:
@@ -102,28 +102,31 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Prune MODEL, print a before/after table (params, MACs, measured "
                                    "latency at batch 1) and save the pruned model.")
     p.add_argument("model", metavar="MODEL", help=model_help)
-    p.add_argument("--method", default="depgraph", choices=CLI_METHODS,
-                   help="depgraph (channels and heads), updp (whole blocks, merged; --num-blocks or "
-                        "--target-macs), stagewise (searched widths, one-shot), magnitude (individual "
-                        "weights; --sparsity); rd and ovit need calibration data: use the Python API "
-                        "(default: depgraph)")
-    target = p.add_mutually_exclusive_group(required=True)
-    target.add_argument("--target-macs", type=_fraction, metavar="F",
-                        help="fraction of the dense MACs to keep, in (0, 1)")
-    target.add_argument("--sparsity", type=_fraction, metavar="F",
-                        help="fraction of prunable parameters to remove, in (0, 1)")
-    target.add_argument("--num-blocks", type=_positive_int, metavar="K",
-                        help="updp: number of blocks to merge")
+    p.add_argument("--method", metavar="NAME",
+                   help="a registered method (hf_prune.list_methods()): depgraph (channels and heads), updp "
+                        "(whole blocks, merged), magnitude (individual weights); stagewise, rd and ovit need "
+                        "calibration data: use `hf-prune train` or the Python API (default: depgraph, or the "
+                        "--config's method)")
+    p.add_argument("--config", metavar="FILE",
+                   help="the method's settings: a JSON file written by PruningConfig.save_pretrained, or a "
+                        "folder / Hub repo of a model pruned by hf_prune (its settings are reused); flags "
+                        "override its fields")
+    p.add_argument("--target-macs", type=_number, metavar="F", help="fraction of the dense MACs to keep, in (0, 1]")
+    p.add_argument("--sparsity", type=_number, metavar="F",
+                   help="fraction of the prunable parameters (weights) to remove, in [0, 1)")
+    p.add_argument("--num-blocks", type=_positive_int, metavar="K", help="updp: number of blocks to merge")
     p.add_argument("--output", "-o", metavar="DIR",
                    help="save the pruned model here (config.json with the hf_prune spec + safetensors)")
-    p.add_argument("--importance", default="l2", choices=["l1", "l2"],
-                   help="channel-group importance (default: l2)")
-    p.add_argument("--mode", default="global", choices=["global", "local"],
-                   help="global: one ranking across layers; local: the same ratio per layer "
-                        "(default: global)")
-    p.add_argument("--round-to", type=_non_negative_int, default=8, metavar="N",
+    p.add_argument("--importance", choices=["l1", "l2"], help="channel-group importance (default: l2)")
+    p.add_argument("--mode", choices=["global", "local"],
+                   help="global: one ranking across layers; local: the same ratio per layer (default: global)")
+    p.add_argument("--round-to", type=_non_negative_int, metavar="N",
                    help="keep channel counts multiples of N for speed (0 disables; default: 8)")
-    p.add_argument("--prune-stem", action="store_true", help="also prune the first layer's outputs")
+    p.add_argument("--prune-stem", action="store_true", default=None,
+                   help="also prune the first layer's outputs")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the random weights of a model built from a name, and of the example inputs "
+                        "(default: 0)")
     _add_model_options(p)
     p.add_argument("--push-to-hub", metavar="REPO", help="also push the pruned model to this Hub repo")
     p.add_argument("--json", action="store_true", help="print a JSON object instead of the table")
@@ -214,16 +217,6 @@ def _hub_api(purpose: str):
         raise CLIError(f"{purpose} needs hf_prune.hub, which could not be imported ({_one_line(exc)})",
                        EXIT_FAILURE) from exc
     return save_pretrained, push_to_hub, AutoPrunedModel
-
-
-def call_hub(fn, *args, **kwargs):
-    """Call a hub function with the keyword arguments it names (``metrics`` always; ``speed`` and
-    others only where the installed hf_prune.hub takes them, never into ``**save_kwargs``)."""
-    import inspect
-
-    named = {n for n, p in inspect.signature(fn).parameters.items()
-             if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
-    return fn(*args, **{k: v for k, v in kwargs.items() if k in named or k == "metrics"})
 
 
 def _transformers_input_size(config, image_size: int | None) -> tuple[int, int, int]:
@@ -418,29 +411,6 @@ def _check_runs(loaded: LoadedModel) -> None:
 # ------------------------------------------------------------------------------------------------
 
 
-def paired_latency(models: list, inputs, *, rounds: int = 5, iters: int = 10, warmup: int = 3) -> list[float]:
-    """Median latency (ms) of each model, timed in alternating rounds in this process.
-
-    Alternating the models round by round spreads load changes on a shared machine over all of
-    them, so the ratio between them is fairer than timing one model after the other.
-    """
-    import statistics
-
-    from ..metrics.profiling import time_model
-
-    times: list[list[float]] = [[] for _ in models]
-    for m in models:
-        time_model(m, inputs, warmup=max(0, warmup - 1), iters=1)  # warm-up (first call not kept)
-    for _ in range(rounds):
-        for i, m in enumerate(models):
-            times[i].extend(time_model(m, inputs, warmup=1, iters=iters))
-    return [statistics.median(t) for t in times]
-
-
-def _threads_text(n: int) -> str:
-    return f"CPU, {n} thread{'' if n == 1 else 's'}"
-
-
 def _input_shape(inputs) -> list[int]:
     x = inputs["pixel_values"] if isinstance(inputs, dict) else inputs
     return list(x.shape)
@@ -451,32 +421,53 @@ def _input_shape(inputs) -> list[int]:
 # ------------------------------------------------------------------------------------------------
 
 
-CLI_METHODS = ["depgraph", "updp", "stagewise", "magnitude", "rd", "ovit"]
-_TARGETS = {"depgraph": ("target_macs", "sparsity"), "updp": ("num_blocks", "target_macs"),
-            "stagewise": ("target_macs",), "magnitude": ("sparsity",)}
+_FLAGS = {"target_macs": "--target-macs", "sparsity": "--sparsity", "num_blocks": "--num-blocks",
+          "importance": "--importance", "mode": "--mode", "round_to": "--round-to", "prune_stem": "--prune-stem"}
 
 
-def _check_targets(args) -> None:
-    if args.method in ("rd", "ovit"):
-        raise CLIError(f"--method {args.method} needs calibration data, which the command line does not "
-                       f"take: use hf_prune.prune(model, method={args.method!r}, sparsity=..., calib=loader) "
-                       "in Python, or trainers/prune_finetune.py")
-    given = next(k for k in ("target_macs", "sparsity", "num_blocks") if getattr(args, k) is not None)
-    if given not in _TARGETS[args.method]:
-        allowed = " or ".join("--" + k.replace("_", "-") for k in _TARGETS[args.method])
-        raise CLIError(f"--method {args.method} takes {allowed}, not --{given.replace('_', '-')}")
-    if args.target_macs is not None and not 0.0 < args.target_macs < 1.0:
-        raise CLIError(f"--target-macs is the fraction of the dense MACs to keep and must be in (0, 1), "
-                       f"got {args.target_macs:g}")
-    if args.sparsity is not None and not 0.0 < args.sparsity < 1.0:
-        raise CLIError(f"--sparsity is the fraction of prunable parameters to remove and must be in "
-                       f"(0, 1), got {args.sparsity:g}")
+def _method_config(args):
+    """The method's config from ``--config`` and the flags, checked before any model is loaded."""
+    from ..config import PruningConfig
+    from ..errors import ConfigError
+    from ..registry import get_method
+
+    try:
+        base = PruningConfig.from_pretrained(args.config) if args.config else None
+        name = args.method or (base.method if base is not None else "depgraph")
+        if base is not None and base.method != name:
+            raise CLIError(f"--method {name} but --config {args.config} is for method {base.method!r}")
+        entry = get_method(name)
+        fields = {k: getattr(args, k) for k in _FLAGS if getattr(args, k) is not None}
+        if "round_to" in fields:
+            fields["round_to"] = fields["round_to"] or None
+        unknown = [k for k in fields if k not in entry.config_cls.field_names()]
+        if unknown:
+            takes = [f for k, f in _FLAGS.items() if k in entry.config_cls.field_names()]
+            raise CLIError(f"--method {name} does not take {', '.join(_FLAGS[k] for k in unknown)}; it takes "
+                           f"{', '.join(takes) or 'no flags'} (and any field with --config)")
+        if base is None and not any(k in fields for k in ("target_macs", "sparsity", "num_blocks")) \
+                and entry.name != "updp":
+            raise CLIError(f"give the target: --target-macs F or --sparsity F (or --config FILE) for --method {name}")
+        config = entry.config_cls.build(base, **fields)
+    except ConfigError as exc:
+        message = _one_line(exc)
+        flag = next((f for k, f in _FLAGS.items() if message.startswith(f"{k}=")), None)
+        raise CLIError(f"{flag}: {message}" if flag else message) from None
+    if entry.needs_calib:
+        raise CLIError(f"--method {name} needs calibration data, which `hf-prune prune` does not take: use "
+                       f"`hf-prune train --method {name}` (it takes a dataset) or hf_prune.prune(model, "
+                       f"{name!r}, ..., calib=batches) in Python")
+    return config
+
+
+def _check_output(args) -> None:
     if args.output and os.path.exists(args.output) and not os.path.isdir(args.output):
         raise CLIError(f"--output {args.output!r} exists and is not a directory")
 
 
 def _cmd_prune(args, out) -> int:
-    _check_targets(args)
+    config = _method_config(args)
+    _check_output(args)
     hub = None
     if args.output or args.push_to_hub:
         hub = _hub_api("saving or pushing the pruned model")  # fail before the slow part
@@ -485,28 +476,29 @@ def _cmd_prune(args, out) -> int:
 
     import torch
 
-    from ..api import PRUNE_RECORD, prune
-    from ..metrics.profiling import ProfileReport, compare, count_macs, count_params
+    from ..api import prune
+    from ..core.record import read_record
+    from ..metrics.profiling import ProfileReport, compare, count_macs, count_params, paired_latency, threads_text
 
+    torch.manual_seed(args.seed)
     loaded = load_model(args.model, image_size=args.image_size, num_labels=args.num_labels,
                         pretrained=args.pretrained)
     model = loaded.model
     for note in loaded.notes:
         print(f"hf-prune: note: {note}", file=sys.stderr)
-    inputs = loaded.example_inputs(1)
+    if loaded.weights == "random":
+        print("hf-prune: warning: the model has random weights (built from its name or config): its speed and "
+              "size are real, its accuracy is not; pass --pretrained or a checkpoint to prune a trained model",
+              file=sys.stderr)
+    inputs = loaded.example_inputs(1, seed=args.seed)
     dense = copy.deepcopy(model)
     params_before, _ = count_params(model)
     macs_before = count_macs(model, inputs)
 
-    target = {k: getattr(args, k) for k in ("target_macs", "sparsity", "num_blocks") if getattr(args, k) is not None}
-    options = {}
-    if args.method == "depgraph":
-        options = dict(importance=args.importance, mode=args.mode, round_to=args.round_to or None,
-                       prune_stem=args.prune_stem)
-    elif args.method == "stagewise":
-        options = dict(round_to=args.round_to or None, prune_stem=args.prune_stem)
+    target = {k: getattr(config, k) for k in ("target_macs", "sparsity", "num_blocks")
+              if getattr(config, k, None) is not None}
     start = time.perf_counter()
-    prune(model, args.method, example_inputs=inputs, **target, **options)
+    prune(model, config, example_inputs=inputs)
     prune_s = time.perf_counter() - start
     model.eval()
 
@@ -524,9 +516,9 @@ def _cmd_prune(args, out) -> int:
         "model": args.model,
         "library": loaded.library,
         "weights": loaded.weights,
-        "method": args.method,
+        "method": config.method,
         "target": target,
-        "options": options,
+        "config": config.to_dict(),
         "input_shape": _input_shape(inputs),
         "before": {"params": params_before, "macs": macs_before, "latency_ms": lat_before},
         "after": {"params": params_after, "macs": macs_after, "latency_ms": lat_after},
@@ -534,7 +526,7 @@ def _cmd_prune(args, out) -> int:
                    "speedup": lat_before / lat_after},
         "latency": {"batch_size": 1, "device": device, "threads": torch.get_num_threads()},
         "prune_seconds": prune_s,
-        "sparsity": model.__dict__.get(PRUNE_RECORD, {}).get("stats", {}).get("global_sparsity"),
+        "sparsity": (read_record(model) or {}).get("stats", {}).get("global_sparsity"),
         "output": None,
         "files": [],
         "pushed_to": None,
@@ -542,15 +534,15 @@ def _cmd_prune(args, out) -> int:
     # prune() records the method, its settings and the before/after counts on the model; the
     # card also gets the measured speed-up. No accuracy is measured here, so no eval metrics.
     record = dict(speed={"speedup": round(lat_before / lat_after, 2),
-                         "device": _threads_text(torch.get_num_threads()), "batch": 1})
+                         "device": threads_text(torch.get_num_threads()), "batch": 1})
     if args.output:
         save_pretrained = hub[0]
-        call_hub(save_pretrained, model, args.output, metrics=None, **record)
+        save_pretrained(model, args.output, **record)
         result["output"] = os.path.abspath(args.output)
         result["files"] = sorted(os.listdir(args.output))
     if args.push_to_hub:
         push = hub[1]
-        commit = call_hub(push, model, args.push_to_hub, metrics=None, **record)
+        commit = push(model, args.push_to_hub, **record)
         result["pushed_to"] = str(getattr(commit, "commit_url", None) or commit or args.push_to_hub)
 
     if args.json:
@@ -559,7 +551,7 @@ def _cmd_prune(args, out) -> int:
         shape = "x".join(str(d) for d in result["input_shape"])
         what = ", ".join(f"{k.replace('_', '-')}={v:g}" for k, v in target.items())
         print(f"{args.model} ({loaded.library}, {loaded.weights} weights, input {shape}): "
-              f"{args.method}, {what}, pruned in {prune_s:.1f} s", file=out)
+              f"{config.method}, {what}, pruned in {prune_s:.1f} s", file=out)
         print(compare(*reports), file=out)
         if result["sparsity"] is not None:  # zeros do not change dense params, MACs or speed
             print(f"zeroed weights: {result['sparsity']:.1%} of the prunable weights", file=out)
@@ -655,13 +647,20 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("hf-prune: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (``hf-prune ... | head``): not an error of ours
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_OK
     except Exception as exc:  # noqa: BLE001 - one line for the user, the traceback with --debug
         if debug:
             import traceback
 
             traceback.print_exc()
-        api = sys.modules.get("hf_prune.api")
-        if api is not None and isinstance(exc, api.PruningError):
+        errors = sys.modules.get("hf_prune.errors")
+        if errors is not None and isinstance(exc, errors.ConfigError):
+            print(f"hf-prune: error: {_one_line(exc)}", file=sys.stderr)
+            return EXIT_USAGE
+        if errors is not None and isinstance(exc, errors.PruningError):
             message = f"pruning failed: {_one_line(exc)}"
         else:
             message = f"{type(exc).__name__}: {_one_line(exc)}"

@@ -10,9 +10,6 @@ import torch
 
 from ..errors import PruningError
 
-SYNC_MODES = ("all_reduce", "broadcast")
-
-
 def process_group():
     """``torch.distributed`` when more than one process takes part, else None."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -40,8 +37,6 @@ def sync_scores(scores: torch.Tensor, how: str = "all_reduce") -> torch.Tensor:
     ``how="all_reduce"``: the mean over processes; ``"broadcast"``: rank 0's scores. The result is
     broadcast from rank 0 in both cases, so it is bitwise identical everywhere.
     """
-    if how not in SYNC_MODES:
-        raise ValueError(f"sync={how!r} is not one of {SYNC_MODES}")
     dist = process_group()
     if dist is None:
         return scores

@@ -59,8 +59,20 @@ def call_model(model: torch.nn.Module, inputs):
     return model(*args, **kwargs)
 
 
-def split_batch(batch) -> tuple:
-    """``(inputs, labels)`` of a batch; ``labels`` is None when the batch has none."""
+def split_batch(batch, *, require_labels: bool = False) -> tuple:
+    """``(inputs, labels)`` of a batch; ``labels`` is None when the batch has none (an error with
+    ``require_labels``)."""
+    inputs, labels = _split(batch)
+    if require_labels and labels is None:
+        from ..errors import PruningError
+
+        keys = f" (keys {sorted(batch)})" if isinstance(batch, Mapping) else f" (a {type(batch).__name__})"
+        raise PruningError(f"this batch has no labels{keys}; pass dicts with a 'labels' key or (inputs, labels) "
+                           "pairs")
+    return inputs, labels
+
+
+def _split(batch) -> tuple:
     if isinstance(batch, Mapping) or (hasattr(batch, "keys") and not isinstance(batch, torch.Tensor)):
         batch = dict(batch)
         labels = next((batch.pop(k) for k in LABEL_KEYS if k in batch), None)

@@ -14,12 +14,13 @@ from torch import nn
 
 from .allocation import allocate
 from ..errors import CompactionError, PruningError
-from .graph import DependencyGraph, split_inputs
+from .graph import DependencyGraph
 from .graph.shape_only import NeedsValues, ShapeOnly
 from .importance import normalized_scores, unit_scores
 from .masks import StructuredMask, get_mask, set_mask
 from .surgery import compact_units
 from ..core.execution import eval_pass
+from ..core.inputs import model_inputs
 
 
 def _run(model: nn.Module, example_inputs) -> None:
@@ -28,7 +29,7 @@ def _run(model: nn.Module, example_inputs) -> None:
     Shapes are what a compaction can break, so the pass first skips the heavy ops' compute (see
     :mod:`hf_prune.engine.graph.shape_only`); where that pass stops or fails, a real forward decides.
     """
-    args, kwargs = split_inputs(example_inputs)
+    args, kwargs = model_inputs(model, example_inputs)
     stack: list[str] = []
     names = {id(m): n for n, m in model.named_modules()}
 

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .spec import SpecError
+from ..errors import SpecError
 
 __all__ = ["library_of", "transformers_base_class", "describe_base", "build_base", "timm_model_args", "mark_pruned",
            "base_config_class", "PRUNED_MODEL_TYPE_PREFIX"]
@@ -159,7 +159,7 @@ def _describe_base(model: nn.Module, model_args: dict | None = None) -> dict:
             "config": {"model_args": timm_model_args(model, model_args), "pretrained_cfg": essentials}}
 
 
-def _transformers_class(name: str) -> type:
+def transformers_class(name: str) -> type:
     import transformers
 
     cls = getattr(transformers, name, None)
@@ -182,7 +182,7 @@ def build_base(base: dict, *, config=None, device: str | torch.device = "meta") 
     library, arch = base["library"], base["architecture"]
     with torch.device(device):
         if library == "transformers":
-            cls = _transformers_class(arch)
+            cls = transformers_class(arch)
             if config is None:
                 from transformers import AutoConfig
 

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ..core.record import read_record
-from .base import (PRUNED_MODEL_TYPE_PREFIX, _transformers_class, base_config_class, build_base, library_of,
+from .base import (PRUNED_MODEL_TYPE_PREFIX, transformers_class, base_config_class, build_base, library_of,
                    mark_pruned, transformers_base_class)
 from .spec import SpecError, apply_spec, structure_spec, validate_spec
 
@@ -279,7 +279,7 @@ class AutoPrunedModel:
 
 
 def _load_transformers(path, spec: dict, raw_config: dict, kwargs: dict) -> nn.Module:
-    base_cls = _transformers_class(spec["base"]["architecture"])
+    base_cls = transformers_class(spec["base"]["architecture"])
     cls = pruned_model_class(base_cls)
     want_info = kwargs.pop("output_loading_info", False)
     if "config" not in kwargs:  # config.json names the pruned model type; build the base class's config from it

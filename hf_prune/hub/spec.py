@@ -84,6 +84,8 @@ import re
 import torch
 from torch import nn
 
+from ..errors import SpecError
+
 from ..engine.adapters.mha import adapt_attention
 
 __all__ = ["FORMAT_VERSION", "ROLES", "SpecError", "PassThrough", "structure_spec", "apply_spec",
@@ -96,10 +98,6 @@ _TOP_KEYS = ("format_version", "base", "layers", "removed_blocks", "merged_block
              "stats", "versions")
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
 _HEAD_COUNT_ATTRS = ("num_heads", "num_attention_heads", "n_heads", "heads")  # = graph.tracer.HEAD_COUNT_ATTRS
-
-
-class SpecError(ValueError):
-    """A structure spec that is malformed, of an unknown version, or does not fit the model."""
 
 
 class PassThrough(nn.Module):

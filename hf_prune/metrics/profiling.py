@@ -332,3 +332,25 @@ def compare(before: ProfileReport, after: ProfileReport) -> str:
     else:
         lines.append(f"(batch {before.batch_size}, {before.device})")
     return "\n".join(lines)
+
+
+def paired_latency(models: list, inputs, *, rounds: int = 5, iters: int = 10, warmup: int = 3) -> list[float]:
+    """Median latency (ms) of each model, timed in alternating rounds in this process.
+
+    Alternating the models round by round spreads load changes on a shared machine over all of
+    them, so the ratio between them is fairer than timing one model after the other.
+    """
+    import statistics
+
+    times: list[list[float]] = [[] for _ in models]
+    for m in models:
+        time_model(m, inputs, warmup=max(0, warmup - 1), iters=1)  # warm-up (first call not kept)
+    for _ in range(rounds):
+        for i, m in enumerate(models):
+            times[i].extend(time_model(m, inputs, warmup=1, iters=iters))
+    return [statistics.median(t) for t in times]
+
+
+def threads_text(n: int) -> str:
+    """How a CPU measurement ran, for reports: ``CPU, 2 threads``."""
+    return f"CPU, {n} thread{'' if n == 1 else 's'}"

@@ -26,7 +26,7 @@ and with a plain accelerate loop::
         accelerator.free_memory()                                       # drop the stale wrapper
 
 A stage is a number (the target, of the kind given by ``target=``) or a dict of
-:class:`~hf_prune.trainer.callback.DepGraphCallback` arguments for that stage (e.g.
+:class:`~hf_prune.methods.depgraph.callback.DepGraphCallback` arguments for that stage (e.g.
 ``{"target_macs": 0.5, "schedule": "cubic", "end": 0.5}``). By default each stage prunes one-shot at
 its first step and then fine-tunes with fixed masks.
 """
@@ -37,9 +37,9 @@ from typing import Callable
 
 from torch import nn
 
-from .callback import DepGraphCallback, PruningCallback
-from ..errors import PruningError
 from ..engine.masks import get_mask
+from ..errors import PruningError
+from .callback import PruningCallback
 
 __all__ = ["Stage", "staged_finetune", "stage_targets"]
 
@@ -84,7 +84,7 @@ def stage_targets(stages, target: str = "target_macs") -> list[dict]:
 
 
 def staged_finetune(model: nn.Module, stages, train_fn: Callable, *, target: str = "target_macs",
-                    callback_cls: type = DepGraphCallback, example_inputs=None,
+                    callback_cls: type | None = None, example_inputs=None,
                     on_stage_end: Callable | None = None, **callback_kwargs) -> nn.Module:
     """Prune ``model`` progressively over ``stages``, compacting between them; returns the final model.
 
@@ -101,6 +101,8 @@ def staged_finetune(model: nn.Module, stages, train_fn: Callable, *, target: str
         raise ValueError(f"train_fn={train_fn!r} must be a callable train_fn(model, stage)")
     if get_mask(model) is not None:
         raise PruningError("the model already carries masks; call hf_prune.compact(model) first")
+    if callback_cls is None:
+        from ..methods.depgraph.callback import DepGraphCallback as callback_cls
     specs = stage_targets(stages, target)
     callback_kwargs.setdefault("schedule", "oneshot")
     callback_kwargs.setdefault("start", 0)
@@ -116,7 +118,7 @@ def staged_finetune(model: nn.Module, stages, train_fn: Callable, *, target: str
         result = train_fn(model, stage)
         if isinstance(result, nn.Module):
             model = result
-        if cb.pruner is None or cb.model is not model:
+        if not cb.ready or cb.model is not model:
             raise PruningError(f"stage {i}: train_fn did not train this model with stage.callback (add it to the "
                                "Trainer's callbacks, or call callback.setup(model, total_steps, example_inputs) and "
                                "the step hooks in a plain loop)")
@@ -125,8 +127,8 @@ def staged_finetune(model: nn.Module, stages, train_fn: Callable, *, target: str
             raise PruningError(f"stage {i}: parameter shapes changed inside train_fn; shapes may only change between "
                                "stages (let staged_finetune compact)")
         if reference is None:
-            reference = cb._current_counts()
-        cb.compact_at_end = True
+            reference = cb.current_counts()
+        cb.config = cb.config.replace(compact_at_end=True)
         cb.finish()  # records final masks/stats, compacts, leaves the structure spec on model.config
         stage.stats = {k: cb.final_stats[k] for k in ("macs", "params", "macs_ratio", "params_ratio")}
         if on_stage_end is not None:

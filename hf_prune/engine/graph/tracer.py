@@ -25,6 +25,7 @@ from torch import nn
 from torch.utils._pytree import tree_map
 
 from ...core.execution import caller_threads, eval_pass
+from ...core.inputs import model_inputs
 from .labels import Labels, Pins, UnionFind, compress, reshape_plane, varying_dims, zeros_plane
 from .shape_only import HEAVY, NeedsValues, ShapeOnly, op_name, tensors_of
 
@@ -779,7 +780,7 @@ def trace(model: nn.Module, example_inputs, watch=()) -> Trace:
 
 def _trace(model: nn.Module, example_inputs, values: bool, watch=()) -> Trace:
     tracer = Tracer(model, values)
-    args, kwargs = split_inputs(example_inputs)
+    args, kwargs = model_inputs(model, example_inputs)
     tracer.label_inputs(tensors_of((args, kwargs)))
 
     def push(module, _inputs):
@@ -867,14 +868,6 @@ def _slow_path_hooks(model: nn.Module) -> list:
             hooks.append(m.register_forward_pre_hook(enter))
             hooks.append(m.register_forward_hook(leave, always_call=True))
     return hooks
-
-
-def split_inputs(example_inputs):
-    if isinstance(example_inputs, dict):
-        return (), dict(example_inputs)
-    if isinstance(example_inputs, (tuple, list)):
-        return tuple(example_inputs), {}
-    return (example_inputs,), {}
 
 
 def _output_tensors(output) -> list:

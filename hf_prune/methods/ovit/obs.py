@@ -62,12 +62,12 @@ Other departures and memory:
 * The Fisher inversion and removal loops run on the **CPU** in ``dtype`` (the paper code works in
   fp32 on the GPU): weights are copied there chunk by chunk and the updated weights written back to
   the model's device. Gradients and Fisher blocks are stored on the CPU too.
-* With ``loss_fn`` any ``loss_fn(logits, labels)`` replaces cross-entropy. In :class:`OViTCallback`,
+* With ``loss_fn`` any ``loss_fn(logits, labels)`` replaces cross-entropy. In :class:`~hf_prune.methods.ovit.callback.OViTCallback`,
   without ``calib``, the last ``m`` training gradients (after clipping/averaging, model in train
   mode) are kept as an ``m × d`` buffer (the gradient path); give ``calib=`` to use the block path
   and ``max_fisher_mb`` there.
 * The gradual recipe (cubic schedule 40→75% with fine-tuning, lr restarts) is a schedule given to
-  :class:`OViTCallback`; the paper's augmentations and lr restarts are the training script's job.
+  :class:`~hf_prune.methods.ovit.callback.OViTCallback`; the paper's augmentations and lr restarts are the training script's job.
 """
 from __future__ import annotations
 
@@ -88,7 +88,7 @@ from ...sparse.masks import WeightMasks, forward_logits, iter_batches
 logger = logging.getLogger(__name__)
 
 __all__ = ["collect_gradients", "accumulate_fisher", "BlockFisher", "choose_fisher", "fisher_bytes", "plan_groups",
-           "obs_prune_layer", "ovit_prune", "OViTCallback", "FISHER_MODES"]
+           "obs_prune_layer", "ovit_prune", "FISHER_MODES"]
 
 
 # ----------------------------------------------------------------------------------------- gradients
@@ -690,18 +690,13 @@ def ovit_prune(model: nn.Module, sparsity: float, calib, *, block_size: int = 64
     ``m × d`` gradients), ``"blocks"`` (accumulate ``d × B`` Fisher blocks on the fly) or ``"auto"``
     (the smaller; :func:`choose_fisher`). ``max_fisher_mb``: at most this much Fisher information is
     held at once; layers are processed in groups that fit, at the cost of repeating the gradient
-    passes per group (see the module docstring). ``info`` receives timings and sizes. Without
-    ``masks`` this goes through :func:`~hf_prune.sparse.allocation.prune_weights` (layer
-    discovery via ``layer_opts``, transactional, masks attached to the model) and returns its stats.
+    passes per group (see the module docstring). ``info`` receives timings and sizes. ``masks``: the
+    :class:`~hf_prune.sparse.masks.WeightMasks` to grow (:func:`hf_prune.prune` with ``method="ovit"``
+    finds the layers and makes it transactional).
     """
     if masks is None:
-        from ...sparse.allocation import prune_weights
-
-        return prune_weights(model, method="ovit", sparsity=sparsity, calib=calib, allocation=allocation, nm=nm,
-                             block_size=block_size, num_grads=num_grads, damping=damping, grads=grads,
-                             loss_fn=loss_fn, dtype=dtype, grad_dtype=grad_dtype, fisher=fisher,
-                             max_fisher_mb=max_fisher_mb, chunk_bytes=chunk_bytes, num_threads=num_threads,
-                             info=info, **layer_opts)
+        raise TypeError("ovit_prune needs the WeightMasks to grow (masks=); to prune a model call "
+                        "hf_prune.prune(model, 'ovit', sparsity=..., calib=...)")
     if layer_opts:
         raise TypeError(f"unexpected options {sorted(layer_opts)}")
     if block_size < 1:
@@ -786,122 +781,3 @@ def _apply_group(layers: list[_LayerOBS], counts, masks: WeightMasks) -> float:
         masks.set(lay.name, keep)
         loss += lay_loss
     return loss
-
-
-# ----------------------------------------------------------------------------------------- callback
-
-
-def _build_ovit_callback():
-    from ...sparse.allocation import weight_pruning_callback_base
-
-    Base = weight_pruning_callback_base()
-
-    class OViTCallback(Base):
-        """oViT gradual pruning during ``Trainer.train()``: the paper's recipe is a cubic schedule
-        (e.g. ``initial=0.4, sparsity=0.75``) with fine-tuning between pruning steps; masks are
-        re-applied after every optimizer step and only grow.
-
-        Gradients for the Fisher: from ``calib`` (``calib=`` batches with labels) if given; otherwise
-        the last ``num_grads`` *training* gradients before each pruning step, captured in
-        ``on_pre_optimizer_step`` (after clipping and DDP averaging; model in train mode, unlike the
-        paper's eval-mode calibration gradients). A pruning step is postponed until ``num_grads``
-        gradients were seen (at the schedule's last step it proceeds with what it has). Memory of the
-        buffer: ``num_grads × prunable weights`` floats, held only in the window before a pruning step.
-        ``block_size``, ``num_grads``, ``damping``, ``nm``, ``dtype``, ``chunk_bytes``, ``fisher``,
-        ``max_fisher_mb``: see :func:`ovit_prune` (with training gradients the ``m × d`` buffer is
-        kept whatever ``fisher`` says; ``calib=`` allows the bounded block path). ``allocation=None`` is
-        the global OBS threshold.
-        """
-
-        method = "ovit"
-
-        def __init__(self, *, sparsity: float | None = None, block_size: int = 64, num_grads: int = 64,
-                     damping: float = 1e-8, nm: tuple[int, int] | None = None, dtype: torch.dtype = torch.float64,
-                     chunk_bytes: int = 256 << 20, fisher: str = "auto", max_fisher_mb: float | None = None,
-                     **kwargs):
-            choose_fisher(fisher, 1, 1, dtype, torch.float32)  # validate now, not at the first pruning step
-            opts = dict(kwargs.pop("method_options", None) or {})
-            opts.update(block_size=int(block_size), num_grads=int(num_grads), damping=float(damping),
-                        dtype=dtype, chunk_bytes=int(chunk_bytes), fisher=fisher, max_fisher_mb=max_fisher_mb)
-            if nm is not None:
-                opts["nm"] = tuple(nm)
-            if nm is not None and sparsity is None:
-                sparsity = 1.0 - nm[0] / nm[1]
-            super().__init__(sparsity=sparsity, method_options=opts, **kwargs)
-            self.num_grads = int(num_grads)
-
-        @property
-        def settings(self) -> dict:
-            s = super().settings
-            if "nm" in self.method_options:
-                s["nm"] = list(self.method_options["nm"])
-            return s
-
-        def _reset(self) -> None:
-            super()._reset()
-            self._grads: dict | None = None
-            self._grad_count = 0
-            self._prune_steps: list[int] | None = None
-
-        def _use_training_grads(self) -> bool:
-            return self.calib is None
-
-        def ready_to_prune(self) -> bool:
-            if not self._use_training_grads():
-                return True
-            end = self.schedule.steps(self.total_steps)[1]
-            return self._grad_count >= self.num_grads or (self._grad_count > 0 and self.step >= end)
-
-        def _in_window(self) -> bool:
-            if self.pending:
-                return True
-            if self._prune_steps is None:
-                self._prune_steps = self.schedule.pruning_steps(self.total_steps)
-            return any(0 < p - self.step <= self.num_grads for p in self._prune_steps)
-
-        @torch.no_grad()
-        def pre_optimizer_step(self) -> None:
-            super().pre_optimizer_step()
-            if self.finished or not self._use_training_grads() or not self._in_window():
-                return
-            if self._grads is None:
-                self._grads = {n: torch.zeros((self.num_grads, self.masks.weight(n).numel()), dtype=torch.float32)
-                               for n in self.masks.layers}
-                self._grad_count = 0
-            slot = self._grad_count % self.num_grads
-            for n in self.masks.layers:
-                w = self.masks.weight(n)
-                if w.grad is None:
-                    return
-            for n in self.masks.layers:
-                w = self.masks.weight(n)
-                self._grads[n][slot].copy_((w.grad.detach() * self.masks[n].to(w.grad.dtype)).reshape(-1))
-            self._grad_count += 1
-
-        def prune_masks(self, sparsity: float) -> None:
-            from ...sparse.allocation import prune_weights
-
-            opts = dict(self.method_options)
-            if "nm" in opts:  # N:M is all-or-nothing: any pruning step applies the full pattern
-                sparsity = None
-            if self._use_training_grads():
-                k = min(self._grad_count, self.num_grads)
-                opts["grads"] = {n: g[:k] for n, g in self._grads.items()}
-                calib = None
-            else:
-                calib = self.calibration()
-            prune_weights(self.model, method="ovit", sparsity=sparsity, calib=calib, allocation=self.allocation,
-                          **opts)
-
-        def after_prune(self) -> None:
-            self._grads, self._grad_count = None, 0
-
-    OViTCallback.__module__ = __name__
-    return OViTCallback
-
-
-def __getattr__(name: str):
-    if name == "OViTCallback":
-        cls = globals()[name] = _build_ovit_callback()
-        return cls
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

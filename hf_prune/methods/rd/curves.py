@@ -32,7 +32,7 @@ Departures from the paper / its code, all for memory and time on a CPU:
 * Layers are processed in model order, not sorted by size (the DP's optimum does not depend on the
   order). Calibration data are real images from ``calib``; the paper's zero-data variant (Gaussian
   noise inputs) is just ``calib`` filled with noise.
-* Gradual use (:class:`RDCallback`) re-measures curves and re-solves the DP at each pruning step of
+* Gradual use (:class:`~hf_prune.methods.rd.callback.RDCallback`) re-measures curves and re-solves the DP at each pruning step of
   a cubic/linear schedule, with masks that only grow (curves start at the current sparsity); the
   paper's iterative schedule is ``1 − (1 − amount)^t`` with fine-tuning between iterations.
 """
@@ -50,12 +50,11 @@ from torch import nn
 from ...errors import PruningError
 from ...core.execution import module_modes, restore_modes
 from ...sparse.masks import WeightMasks, exact_counts, forward_logits, iter_batches, prunable_layers
+from .config import REDUCTIONS
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["RDCurves", "distortion_curves", "rd_dp", "allocate_rd", "rd_prune", "REDUCTIONS", "RDCallback"]
-
-REDUCTIONS = ("max", "mean")
+__all__ = ["RDCurves", "distortion_curves", "rd_dp", "allocate_rd", "REDUCTIONS"]
 DEFAULT_MAX_STATES = 131072
 
 
@@ -303,60 +302,3 @@ def allocate_rd(model: nn.Module, sparsity: float, calib=None, *, layers: Sequen
         info.update(curve_seconds=curves.seconds, dp_seconds=dp_seconds, forwards=curves.forwards,
                     predicted_distortion=total, picks=picks, curves=curves, **dp_info)
     return {n: c / s for n, s, c in zip(curves.names, curves.sizes, counts)}
-
-
-def rd_prune(model: nn.Module, sparsity: float, calib, **opts) -> dict:
-    """One-shot RD pruning (RD allocation + magnitude selection) in place; returns the mask stats.
-    ``opts``: :func:`allocate_rd`'s options and :func:`~hf_prune.sparse.allocation.prune_weights`'
-    layer options."""
-    from ...sparse.allocation import prune_weights
-
-    return prune_weights(model, method="rd", sparsity=sparsity, calib=calib, **opts)
-
-
-# ----------------------------------------------------------------------------------------- callback
-
-
-def _build_rd_callback():
-    from ...sparse.allocation import weight_pruning_callback_base
-
-    Base = weight_pruning_callback_base()
-
-    class RDCallback(Base):
-        """RD layer-adaptive pruning during ``Trainer.train()`` (gradual: cubic schedule by default).
-
-        At every pruning step of the schedule the distortion curves are re-measured on the current
-        (masked, fine-tuned) model, starting at each layer's current sparsity, the DP re-solved for
-        the scheduled sparsity, and the magnitude masks grown to it; masks are re-applied after every
-        optimizer step. ``calib`` (default: the first ``calib_size`` training items) should be small:
-        each pruning step costs ``layers × grid`` forward passes of it. ``grid``, ``reduction``,
-        ``max_sparsity``, ``max_batches``, ``max_states``: see :func:`allocate_rd`. Other arguments:
-        :class:`~hf_prune.sparse.allocation.WeightPruningCallback`.
-        Departure: the paper's iterative schedule is ``1 − (1 − amount)^t``; here any
-        :mod:`hf_prune.core.schedules` schedule (pass ``schedule="linear"``/``"oneshot"`` or an object).
-        """
-
-        method = "rd"
-
-        def __init__(self, *, sparsity: float | None = None, grid=21, reduction: str = "max",
-                     max_sparsity: float = 1.0, max_batches: int | None = None,
-                     max_states: int = DEFAULT_MAX_STATES, **kwargs):
-            if reduction not in REDUCTIONS:
-                raise ValueError(f"reduction={reduction!r} must be one of {REDUCTIONS}")
-            if kwargs.get("allocation") not in (None, "rd"):
-                raise ValueError("RDCallback always uses the RD allocation; use WeightPruningCallback for others")
-            kwargs.pop("allocation", None)
-            opts = dict(kwargs.pop("method_options", None) or {})
-            opts.update(grid=grid, reduction=reduction, max_sparsity=max_sparsity, max_batches=max_batches,
-                        max_states=max_states)
-            super().__init__(sparsity=sparsity, method_options=opts, **kwargs)
-
-    RDCallback.__module__ = __name__
-    return RDCallback
-
-
-def __getattr__(name: str):
-    if name == "RDCallback":
-        cls = globals()[name] = _build_rd_callback()
-        return cls
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -65,18 +65,15 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ...api import PRUNE_RECORD
 from ...errors import PruningError
 from ...core.execution import eval_mode, recalibrate_batchnorm
-from ...core.inputs import logits_of
+from ...core.inputs import call_model, first_tensor, logits_of, model_inputs, split_batch
 from ...engine.masks import MaskedNorm, get_mask
+from .config import DEFAULT_RATIOS, SUPERVISIONS
 
 __all__ = ["Stage", "WidthSpace", "Supernet", "SearchResult", "find_stages", "evolutionary_search",
-           "kendall_tau", "prune_stagewise", "DEFAULT_RATIOS", "SUPERVISIONS"]
+           "kendall_tau", "digest", "DEFAULT_RATIOS", "SUPERVISIONS"]
 
-DEFAULT_RATIOS = tuple(0.25 + 0.125 * i for i in range(7))  # 0.25, 0.375, ..., 1.0
-SUPERVISIONS = ("stage", "logits")
-_LABEL_KEYS = ("labels", "label", "label_ids")
 _BLOCK_LISTS = ("blocks", "layer", "layers")
 
 
@@ -102,27 +99,6 @@ class Stage:
         return self.first if len(self.blocks) == 1 else f"{self.first}..{self.last}"
 
 
-def _first_tensor(x):
-    if isinstance(x, torch.Tensor):
-        return x
-    if isinstance(x, dict) or hasattr(x, "values"):
-        x = list(x.values())
-    if isinstance(x, (tuple, list)):
-        for item in x:
-            t = _first_tensor(item)
-            if t is not None:
-                return t
-    return None
-
-
-def _call(model: nn.Module, inputs):
-    if isinstance(inputs, dict):
-        return model(**inputs)
-    if isinstance(inputs, (tuple, list)):
-        return model(*inputs)
-    return model(inputs)
-
-
 def _container_children(module: nn.Module) -> list:
     return [n for n, c in module.named_children() if any(True for _ in c.parameters())]
 
@@ -131,12 +107,12 @@ def _output_shapes(model: nn.Module, paths: list, example_inputs) -> dict:
     shapes, handles = {}, []
     for p in paths:
         def hook(_m, _a, out, p=p):
-            t = _first_tensor(out)
+            t = first_tensor(out)
             shapes[p] = tuple(t.shape) if t is not None else None
         handles.append(model.get_submodule(p).register_forward_hook(hook))
     try:
         with eval_mode(model), torch.no_grad():
-            _call(model, example_inputs)
+            call_model(model, example_inputs)
     finally:
         for h in handles:
             h.remove()
@@ -258,7 +234,7 @@ class WidthSpace:
         return tuple(choice)
 
 
-def _digest(choices) -> str:
+def digest(choices) -> str:
     return hashlib.sha256(repr([tuple(c) for c in choices]).encode()).hexdigest()[:16]
 
 
@@ -453,9 +429,8 @@ class Supernet:
         params = self.masked_params(keep, prefix)
         with self._norm_hooks(keep), self._stage_hooks(self.model, capture, inject):
             if not params:
-                return _call(module, inputs)
-            args, kwargs = (((), inputs) if isinstance(inputs, dict) else
-                            ((tuple(inputs), {}) if isinstance(inputs, (tuple, list)) else ((inputs,), {})))
+                return call_model(module, inputs)
+            args, kwargs = model_inputs(self.model, inputs)
             return torch.func.functional_call(module, params, args, kwargs, strict=False)
 
     @contextlib.contextmanager
@@ -467,10 +442,10 @@ class Supernet:
                 handles.append(first.register_forward_pre_hook(_Inject(inject[k]), with_kwargs=True))
             if capture is not None:
                 def pre(_m, args, kwargs, k=k):
-                    capture[("in", k)] = _first_tensor((args, kwargs))
+                    capture[("in", k)] = first_tensor((args, kwargs))
 
                 def post(_m, _a, out, k=k):
-                    capture[("out", k)] = _first_tensor(out)
+                    capture[("out", k)] = first_tensor(out)
 
                 handles.append(first.register_forward_pre_hook(pre, with_kwargs=True))
                 handles.append(last.register_forward_hook(post))
@@ -486,7 +461,7 @@ class Supernet:
             raise PruningError("this supernet has no teacher; build it with teacher= (the unpruned full net)")
         feats: dict = {}
         with torch.no_grad(), self._stage_hooks(self.teacher, feats, None):
-            logits = logits_of(_call(self.teacher, inputs))
+            logits = logits_of(call_model(self.teacher, inputs))
         return feats, logits
 
     # ------------------------------------------------------------------ losses
@@ -550,7 +525,7 @@ class Supernet:
         saved = self.bn_state()
         keep = self.space.keep(choice)
         recalibrate_batchnorm(self.model, self._batchnorms(), batches or [],
-                              lambda batch: self.forward(keep, _strip_labels(batch)))
+                              lambda batch: self.forward(keep, split_batch(batch)[0]))
         try:
             yield self
         finally:
@@ -564,7 +539,7 @@ class Supernet:
         correct = total = 0
         with eval_mode(self.model):
             for batch in batches:
-                inputs, labels = _split_batch(batch)
+                inputs, labels = split_batch(batch, require_labels=True)
                 pred = logits_of(self.forward(keep, inputs)).argmax(-1)
                 correct += int((pred == labels.to(pred.device)).sum())
                 total += int(labels.numel())
@@ -626,12 +601,17 @@ class Supernet:
         with torch.no_grad():
             for i in range(iters + 2):
                 t0 = time.perf_counter()
-                _call(sub, example_inputs)
+                call_model(sub, example_inputs)
                 if i >= 2:
                     times.append((time.perf_counter() - t0) * 1e3)
         return sorted(times)[len(times) // 2]
 
-    def extract(self, choice, calib_batches=None, *, inplace: bool = False, record: dict | None = None) -> nn.Module:
+    def subnet_stats(self, choice) -> dict:
+        """Parameters and MACs of the subnet ``choice`` and of the full net (for the method record)."""
+        return {"params_before": self.dense_params, "params_after": self.graph.params(self.space.keep(choice)),
+                "macs_before": self.dense_macs, "macs_after": self.space.macs(choice)}
+
+    def extract(self, choice, calib_batches=None, *, inplace: bool = False) -> nn.Module:
         """The subnet ``choice`` as a physically smaller model (BN recalibrated on ``calib_batches``).
 
         By default the supernet's model is left untouched and a compacted copy is returned (in eval
@@ -655,13 +635,6 @@ class Supernet:
                 pruner = _copy_pruner(self.pruner, self.teacher)
             pruner.apply(removed)
             model = pruner.compact().eval()  # a fresh model, like from_pretrained gives
-        model.__dict__[PRUNE_RECORD] = {
-            "method": "stagewise",
-            "settings": {"ratios": list(self.space.ratios), "round_to": self.space.round_to,
-                         "stages": [s.name for s in self.stages], **(record or {})},
-            "stats": {"params_before": self.dense_params, "params_after": self.graph.params(self.space.keep(choice)),
-                      "macs_before": self.dense_macs, "macs_after": self.space.macs(choice)},
-        }
         return model
 
 
@@ -682,31 +655,6 @@ def _copy_pruner(pruner, teacher):
     # The teacher is not part of the pruner; keep it out of the copy's memo anyway (it can be large).
     memo = {id(teacher): teacher} if teacher is not None else {}
     return copy.deepcopy(pruner, memo)
-
-
-def _strip_labels(batch):
-    return _split_batch(batch)[0] if _has_labels(batch) else batch
-
-
-def _has_labels(batch) -> bool:
-    if isinstance(batch, dict):
-        return any(k in batch for k in _LABEL_KEYS)
-    return isinstance(batch, (tuple, list)) and len(batch) == 2
-
-
-def _split_batch(batch):
-    """(model inputs, labels) from a dict batch (``labels`` key) or an ``(x, y)`` pair."""
-    if isinstance(batch, dict) or hasattr(batch, "keys"):
-        batch = dict(batch)
-        key = next((k for k in _LABEL_KEYS if k in batch), None)
-        if key is None:
-            raise PruningError(f"batch has no labels (keys {sorted(batch)}); proxy accuracy needs labelled data")
-        labels = batch.pop(key)
-        return batch, labels
-    if isinstance(batch, (tuple, list)) and len(batch) == 2:
-        return batch[0], batch[1]
-    raise PruningError(f"cannot split a batch of type {type(batch).__name__} into inputs and labels; use dicts "
-                       "with a 'labels' key or (inputs, labels) pairs")
 
 
 def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -809,51 +757,3 @@ def kendall_tau(x, y) -> float:
 
 
 # --------------------------------------------------------------------------------------- one-shot
-
-
-def prune_stagewise(model: nn.Module, example_inputs, target_macs: float | None, *, sparsity=None, calib=None,
-                    ratios=DEFAULT_RATIOS, round_to: int | None = 8, ignored_layers=(), prune_stem: bool = False,
-                    compact: bool = True, population: int = 12, generations: int = 3, calib_batches: int = 4,
-                    seed: int = 0) -> nn.Module:
-    """One-shot SP without supernet training (``hf_prune.prune(method="stagewise")``).
-
-    Without ``calib``: the widest uniform width ratio (leading units by l2 magnitude in every group)
-    that fits ``target_macs``. With ``calib`` (labelled batches: dicts with ``labels`` or ``(x, y)``):
-    an evolutionary search of per-group widths by accuracy on ``calib`` with BN recalibrated per
-    candidate, i.e. the paper's search on the untrained (pretrained) supernet. The real method trains
-    the supernet first: use :class:`~hf_prune.methods.stagewise.callback.StageWiseTrainer`.
-    Transactional: on failure the model is unchanged.
-    """
-    if sparsity is not None or target_macs is None:
-        extra = "" if sparsity is None else f", not sparsity={sparsity!r}"
-        raise PruningError("method='stagewise' searches widths under a MACs budget: give target_macs= (fraction of "
-                           f"the dense MACs to keep, e.g. 0.5){extra}")
-    sup = Supernet(model, example_inputs, ratios=ratios, round_to=round_to, ignored_layers=ignored_layers,
-                   prune_stem=prune_stem, make_teacher=False)
-    target = sup.check_target(target_macs)
-    batches = None
-    if calib is not None:
-        batches = [b for _, b in zip(range(max(1, calib_batches)), calib)]
-        result = sup.search(lambda c: sup.proxy_accuracy(c, batches, batches), target_macs=target,
-                            population=population, generations=generations, seed=seed)
-        choice = result.choice
-    else:
-        uniform = [tuple(min(i, len(c) - 1) for c in sup.space.counts)
-                   for i in range(max(len(c) for c in sup.space.counts))]
-        choice = [c for c in uniform if sup.macs_ratio(c) <= target][-1]
-    saved = sup.bn_state()
-    try:
-        with sup.recalibrated(choice, batches, persist=True):
-            pass
-        sup.pruner.apply(sup.space.removed(choice))
-    except BaseException:
-        sup.load_bn_state(saved)
-        raise
-    model.__dict__[PRUNE_RECORD] = {
-        "method": "stagewise",
-        "settings": {"target_macs": target, "ratios": list(sup.space.ratios), "round_to": round_to,
-                     "searched": calib is not None, "prune_stem": prune_stem},
-        "stats": {"params_before": sup.dense_params, "params_after": sup.graph.params(sup.space.keep(choice)),
-                  "macs_before": sup.dense_macs, "macs_after": sup.space.macs(choice)},
-    }
-    return sup.pruner.compact() if compact else model

@@ -1,4 +1,4 @@
-"""UPDPCallback: progressive UPDP inside ``transformers.Trainer``, built on
+"""UPDPCallback: progressive UPDP inside ``transformers.Trainer``, on the callback protocol of
 :class:`hf_prune.trainer.callback.PruningCallback`.
 
 Event flow (step ``t`` = optimizer steps done, ``T`` = ``state.max_steps``):
@@ -15,14 +15,13 @@ Event flow (step ``t`` = optimizer steps done, ``T`` = ``state.max_steps``):
   extra parameter group (not synchronised by an already-built DDP wrapper: a warning says so).
 * ``on_step_begin``: ``lam = Annealing(anneal_start, anneal_end, schedule).value(t, T)`` on the chosen
   blocks (0 before ``anneal_start``, 1 from ``anneal_end``; fractions of training or absolute steps).
-* ``on_log``: ``updp/lambda`` and ``updp/blocks``.
+* ``on_log``: ``prune/lambda`` and ``prune/blocks``.
 * ``on_save`` / resume: ``hf_prune_state.json`` holds the chosen block paths, lambda and the step;
   lambda is also in the model's state dict (extra state of each wrapper).
 * ``on_train_end``: lambda is forced to 1 if training stopped early (with a warning: the merged model
   then differs from the trained one), the chosen blocks are merged exactly
-  (:meth:`~hf_prune.methods.updp.depth.UPDPAnnealer.merge_all`), idle wrappers are removed, and
-  :attr:`UPDPCallback.record` holds the merged-block entries (for the structure spec's
-  ``merged_blocks``).
+  (:meth:`~hf_prune.methods.updp.depth.UPDPAnnealer.merge_all`), idle wrappers are removed, and the
+  record and structure spec (with ``merged_blocks``) are written onto the model.
 
 :class:`UPDPSupernetCallback` (at the end) is UPDP's stage 1 in the Trainer: it trains the depth supernet
 of :mod:`hf_prune.methods.updp.search`, one sampled subnet per optimizer step.
@@ -40,12 +39,13 @@ import warnings
 from torch import nn
 from transformers import TrainerCallback
 
-from ...trainer.callback import STATE_VERSION, PruningCallback, example_inputs_from_dataloader
-from ...errors import PruningError
 from ...core.inputs import model_device, to_device
-from ...core.schedules import Annealing
-from .depth import (UPDPAnnealer, _resolve, _select, anneal, annealed_blocks, calibrate, find_blocks, set_lambda,
-                    stripped_copy, unwrap_block)
+from ...errors import ConfigError, PruningError
+from ...trainer.callback import PruningCallback
+from ...trainer.state import example_inputs_from_dataloader
+from .config import UPDPConfig
+from .depth import (UPDPAnnealer, anneal, annealed_blocks, calibrate, find_blocks, macs_of, resolve_blocks,
+                    select_blocks, set_lambda, stripped_copy, unwrap_block)
 
 logger = logging.getLogger(__name__)
 
@@ -55,94 +55,66 @@ __all__ = ["UPDPCallback", "UPDPSupernetCallback"]
 class UPDPCallback(PruningCallback):
     """Progressive UPDP depth pruning during ``Trainer.train()``; merges the chosen blocks at the end.
 
-    Args:
-        num_blocks: number of blocks to prune, chosen by the output-change proxy.
-        blocks: explicit blocks (indices into :func:`~hf_prune.methods.updp.depth.find_blocks`, or module paths).
-        target_macs: fraction of dense MACs to keep; blocks chosen greedily by output change per MAC.
-            At most one of ``num_blocks`` / ``blocks`` / ``target_macs``; none: a quarter of the blocks.
-        anneal_start, anneal_end: where lambda starts rising and reaches 1 (fractions of training as
-            float, or optimizer steps as int).
-        schedule: ``"linear"`` or ``"cosine"``.
-        example_inputs: batch for the proxy and the BN calibration (default: first training items).
-        end_act: add the activation after the residual sum (paper); ResNet keeps its own either way.
-        merge_at_end: merge in ``on_train_end`` (else leave the annealed wrappers; merge later with
-            :meth:`finish`).
+    ``UPDPCallback(config=None, *, example_inputs=None, **fields)`` with a :class:`UPDPConfig` or its
+    fields: ``num_blocks`` / ``blocks`` / ``target_macs`` (which blocks), ``anneal_start``, ``anneal_end``,
+    ``schedule`` (λ's window and shape), ``end_act`` (default: the paper's activation after the residual
+    sum), ``merge_at_end``. ``example_inputs`` (default: the first training items) feed the block proxy
+    and the BatchNorm calibration.
     """
 
-    method = "updp"
+    config_class = UPDPConfig
+    needs_example_inputs = False  # only to choose blocks by the proxy (given blocks need none)
 
-    def __init__(self, num_blocks: int | None = None, blocks=None, target_macs: float | None = None,
-                 anneal_start: float | int = 0.0, anneal_end: float | int = 0.8, *, schedule: str = "linear",
-                 example_inputs=None, end_act: bool = True, merge_at_end: bool = True):
-        self._annealing = Annealing(anneal_start, anneal_end, schedule)  # validates
-        if sum(a is not None for a in (num_blocks, blocks, target_macs)) > 1:
-            raise ValueError("give at most one of num_blocks=, blocks= and target_macs=")
-        if num_blocks is not None and (isinstance(num_blocks, bool) or not isinstance(num_blocks, int)
-                                       or num_blocks < 1):
-            raise ValueError(f"num_blocks={num_blocks!r} must be a positive int")
-        if target_macs is not None and (isinstance(target_macs, bool) or not isinstance(target_macs, (int, float))
-                                        or not 0 < target_macs <= 1):
-            raise ValueError(f"target_macs={target_macs!r} must be in (0, 1]: the fraction of dense MACs to keep")
-        self.num_blocks, self.blocks, self.target_macs = num_blocks, (list(blocks) if blocks is not None else None), \
-            target_macs
-        self.example_inputs = example_inputs
-        self.end_act = bool(end_act)
-        self.compact_at_end = bool(merge_at_end)
-        self.reference = None
+    def __init__(self, config=None, *, example_inputs=None, **fields):
+        super().__init__(config, example_inputs=example_inputs, **fields)
         self._prewrapped = None
-        self._reset()
+
+    @property
+    def end_act(self) -> bool:
+        return True if self.config.end_act is None else bool(self.config.end_act)
 
     def _reset(self) -> None:
         super()._reset()
         self.annealer: UPDPAnnealer | None = None
         self.idle: list = []
-        self.record: dict | None = None
         self._late_params: list = []
+        self._macs_inputs = None
 
-    @property
-    def settings(self) -> dict:
-        a = self._annealing
-        return {"method": self.method, "num_blocks": self.num_blocks, "target_macs": self.target_macs,
-                "blocks": self.blocks, "anneal_start": a.start, "anneal_end": a.end, "schedule": a.shape,
-                "end_act": self.end_act}
-
-    # ------------------------------------------------------------------ wrapping
-    def _prewrap(self, model: nn.Module) -> None:
-        refs = _resolve(model, self.blocks) if self.blocks is not None else find_blocks(model)
+    # ------------------------------------------------------------------ protocol
+    def wrap(self, model: nn.Module) -> None:
+        """Wrap every candidate block (λ = 0: the model computes exactly what it did) before the optimizer."""
+        if self._prewrapped is model:
+            return
+        blocks = list(self.config.blocks) if self.config.blocks is not None else None
+        refs = resolve_blocks(model, blocks) if blocks is not None else find_blocks(model)
         if not refs:
-            raise PruningError(f"{type(model).__name__} has no block UPDP can merge")
+            raise ConfigError(f"{type(model).__name__} has no block UPDP can merge")
         anneal(model, refs, end_act=self.end_act)
         self._prewrapped = model
 
-    def on_init_end(self, args, state, control, model=None, **kwargs):
-        if model is not None and self._prewrapped is None:
-            self._prewrap(model)
+    def prepare(self, model: nn.Module, example_inputs) -> None:
+        """Choose and calibrate the blocks to prune (wrapping them if that was not done yet).
 
-    # ------------------------------------------------------------------ plain-loop API
-    def setup(self, model: nn.Module, total_steps: int, example_inputs=None) -> None:
-        """Choose and calibrate the blocks to prune (wrapping them if not done yet) for ``total_steps``.
-
-        Plain loops: call ``on_init_end(None, None, None, model=model)`` or this before building the
-        optimizer, so that it holds the new BN parameters (or add ``self.annealer.parameters()``).
+        Plain loops: call ``wrap(model)`` (or this) before building the optimizer, so that it holds the
+        new BN parameters (or add ``self.annealer.parameters()``).
         """
-        if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
-            raise ValueError(f"total_steps={total_steps!r} must be a positive int (the number of optimizer steps)")
-        if self.annealer is not None and self.model is model and not self.finished:
-            self.total_steps = total_steps
-            self.annealer.total_steps = total_steps
-            return
-        prewrapped = self._prewrapped
-        self._reset()
-        inputs = example_inputs if example_inputs is not None else self.example_inputs
-        if inputs is not None:
-            inputs = to_device(inputs, model_device(model))
-        if prewrapped is not model or not annealed_blocks(model):
-            self._prewrap(model)
+        c = self.config
+        if self._prewrapped is not model or not annealed_blocks(model):
+            self._prewrapped = None
+            self.wrap(model)
             self._late_params = [p for _, w in annealed_blocks(model) for p in w.parameters()
                                  if not any(p is q for q in w.block.parameters())]
         wrappers = dict(annealed_blocks(model))
         base = stripped_copy(model)
-        refs, how, info = _select(base, inputs, self.blocks, self.num_blocks, self.target_macs, copy_model=False)
+        blocks = list(c.blocks) if c.blocks is not None else None
+        try:  # an unreachable target fails now, before any training step, with the model as it was
+            refs, how, info = select_blocks(base, example_inputs, blocks, c.num_blocks, c.target_macs,
+                                            copy_model=False)
+        except PruningError as exc:
+            for w in wrappers.values():
+                unwrap_block(model, w)
+            self._prewrapped = None
+            raise ConfigError(str(exc)) from None
         del base
         chosen = []
         for r in refs:
@@ -151,71 +123,33 @@ class UPDPCallback(PruningCallback):
                 raise PruningError(f"block '{r.path}' was not wrapped at Trainer init; pass the same blocks")
             w.ref = r
             chosen.append(w)
-        self.idle = [w for p, w in wrappers.items() if all(w is not c for c in chosen)]
+        self.idle = [w for p, w in wrappers.items() if all(w is not ch for ch in chosen)]
         set_lambda(self.idle, 0.0)
-        if inputs is not None:
-            calibrate(model, [inputs], chosen)
-        a = self._annealing
-        self.annealer = UPDPAnnealer.from_blocks(model, chosen, a.start, a.end, total_steps=total_steps,
-                                                 schedule=a.shape, selection=how, info=info)
-        self.pruner = self.annealer  # the base class's "set up" marker
-        self.model, self.total_steps = model, total_steps
+        if example_inputs is not None:
+            calibrate(model, [example_inputs], chosen)
+        self._macs_inputs = example_inputs
+        self.annealer = UPDPAnnealer.from_blocks(model, chosen, c.anneal_start, c.anneal_end,
+                                                 total_steps=self.total_steps, schedule=c.schedule, selection=how,
+                                                 info=info)
         logger.info("hf_prune: UPDP prunes %d blocks (%s): %s", len(chosen), how, [r.path for r in refs])
 
-    def step_begin(self, step: int) -> bool:
-        self._require_setup()
-        self.step = step
-        if not self.finished:
-            self.annealer.step(step)
-        return False
+    def plan(self, step: int):
+        return step  # λ follows the step every step
 
-    def pre_optimizer_step(self) -> None:
-        pass
+    def apply(self, step: int, target) -> None:
+        self.annealer.total_steps = self.total_steps
+        self.annealer.step(step)
 
-    def optimizer_step(self) -> None:
-        pass
-
-    def finish(self) -> nn.Module | None:
-        """Merge the pruned blocks (forcing lambda = 1 if training stopped early) and drop idle wrappers."""
-        if self.annealer is None or self.finished:
-            return self.model
-        lam = self.annealer.lam
-        if lam < 1.0:
-            warnings.warn(f"UPDP: training ended at lambda={lam:.3f} < 1; forcing lambda=1 before merging, so the "
-                          "merged model differs from the trained one (let anneal_end come before the end of "
-                          "training, or fine-tune after merging)", stacklevel=2)
-        entries = self.annealer.merge_all(force=True)
-        for w in self.idle:
-            unwrap_block(self.model, w)
-        self.idle = []
-        self.record = {"method": self.method, "merged_blocks": entries, "removed_blocks": [],
-                       "selection": self.annealer.selection, "settings": self.settings}
-        self.finished = True
-        return self.model
-
-    # ------------------------------------------------------------------ stats, logs, state
     def stats(self) -> dict:
-        return {"lambda": self.annealer.lam if self.annealer else 0.0,
+        return {"lambda": float(self.annealer.lam) if self.annealer else 0.0,
                 "blocks": len(self.annealer.blocks) if self.annealer else 0}
 
-    def log_entries(self) -> dict:
-        if self.annealer is None:
-            return {}
-        return {"updp/lambda": round(float(self.annealer.lam), 6), "updp/blocks": len(self.annealer.blocks)}
-
     def state_dict(self) -> dict:
-        self._require_setup()
-        return {"format_version": STATE_VERSION, "callback": type(self).__name__, "settings": self.settings,
-                "total_steps": self.total_steps, "global_step": self.step, "lambda": self.annealer.lam,
-                "blocks": [w.ref.path for w in self.annealer.blocks]}
+        return {"lambda": self.annealer.lam, "blocks": [w.ref.path for w in self.annealer.blocks]}
 
     def load_state_dict(self, state: dict, tensors: dict | None = None) -> None:
-        self._require_setup()
-        if state.get("format_version") != STATE_VERSION:
-            raise PruningError(f"UPDP state has format_version {state.get('format_version')!r}; expected "
-                               f"{STATE_VERSION}")
         wrappers = dict(annealed_blocks(self.model))
-        paths = list(state.get("blocks", []))
+        paths = list(state["blocks"])
         missing = [p for p in paths if p not in wrappers]
         if missing:
             raise PruningError(f"the checkpoint anneals blocks {missing} that are not wrapped in this model")
@@ -230,18 +164,27 @@ class UPDPCallback(PruningCallback):
             self.idle = [w for p, w in wrappers.items() if p not in paths]
             set_lambda(self.idle, 0.0)
             self.annealer.blocks = chosen
-        self.step = int(state.get("global_step", 0))
-        self.annealer.set_lambda(float(state.get("lambda", 0.0)))
+        self.annealer.set_lambda(float(state["lambda"]))
 
-    def _attach_spec(self) -> None:  # merged blocks need the spec's merged_blocks support (not here)
-        pass
+    def finalize(self) -> dict | None:
+        """Merge the pruned blocks (forcing λ = 1 if training stopped early) and drop idle wrappers."""
+        if not self.config.merge_at_end:
+            return None
+        lam = self.annealer.lam
+        if lam < 1.0:
+            warnings.warn(f"UPDP: training ended at lambda={lam:.3f} < 1; forcing lambda=1 before merging, so the "
+                          "merged model differs from the trained one (let anneal_end come before the end of "
+                          "training, or fine-tune after merging)", stacklevel=3)
+        entries = self.annealer.merge_all(force=True)
+        for w in self.idle:
+            unwrap_block(self.model, w)
+        self.idle = []
+        stats = {"merged_blocks": len(entries), "params_after": sum(p.numel() for p in self.model.parameters())}
+        if self._macs_inputs is not None:
+            stats["macs_after"] = macs_of(self.model, self._macs_inputs)
+        return stats
 
     # ------------------------------------------------------------------ Trainer events
-    def on_train_end(self, args, state, control, **kwargs):
-        if self.annealer is None or self.finished or not self.compact_at_end:
-            return
-        self.finish()
-
     def on_train_begin(self, args, state, control, model=None, train_dataloader=None, optimizer=None, **kwargs):
         super().on_train_begin(args, state, control, model=model, train_dataloader=train_dataloader, **kwargs)
         if self._late_params:

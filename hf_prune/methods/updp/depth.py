@@ -114,6 +114,7 @@ from torch import nn
 
 from ...errors import PruningError
 from ...core.execution import module_modes, recalibrate_batchnorm, restore_modes
+from ...core.inputs import call_model
 from .blocks import AnnealedBlock, UnsupportedBlock, block_family, check_block, make_annealed
 from .merge import MergedBlock, MergeError
 
@@ -169,7 +170,7 @@ def find_blocks(model: nn.Module) -> list[BlockRef]:
     return refs
 
 
-def _resolve(model: nn.Module, blocks) -> list[BlockRef]:
+def resolve_blocks(model: nn.Module, blocks) -> list[BlockRef]:
     """BlockRefs from indices (into :func:`find_blocks`), paths or BlockRefs; checked, in forward order."""
     cands = find_blocks(model)
     by_path = {r.path: r for r in cands}
@@ -201,7 +202,7 @@ def _resolve(model: nn.Module, blocks) -> list[BlockRef]:
     return sorted(out, key=lambda r: r.index)
 
 
-def _set_module(model: nn.Module, path: str, new: nn.Module) -> None:
+def set_module(model: nn.Module, path: str, new: nn.Module) -> None:
     if path == "":
         raise PruningError("the model itself is a block; wrap its parent instead")
     parent, _, name = path.rpartition(".")
@@ -216,7 +217,7 @@ def anneal(model: nn.Module, blocks, *, end_act: bool = True) -> list[AnnealedBl
 
     All wrappers are built before any is installed, so a failure leaves the model untouched.
     """
-    refs = _resolve(model, blocks)
+    refs = resolve_blocks(model, blocks)
     wrappers = []
     for r in refs:
         try:
@@ -226,7 +227,7 @@ def anneal(model: nn.Module, blocks, *, end_act: bool = True) -> list[AnnealedBl
     for r, w in zip(refs, wrappers):
         w.ref = r
         w.train(model.get_submodule(r.path).training)  # the wrapper takes the mode of the block it wraps
-        _set_module(model, r.path, w)
+        set_module(model, r.path, w)
     return wrappers
 
 
@@ -252,15 +253,7 @@ def anneal_lambda(progress: float, start: float = 0.0, end: float = 0.8, schedul
 # --------------------------------------------------------------------------- calibration
 
 
-def _forward(model, inputs):
-    if isinstance(inputs, Mapping):
-        return model(**inputs)
-    if isinstance(inputs, (tuple, list)):
-        return model(*inputs)
-    return model(inputs)
-
-
-def _output_tensor(out) -> torch.Tensor:
+def output_tensor(out) -> torch.Tensor:
     if isinstance(out, torch.Tensor):
         return out
     logits = getattr(out, "logits", None)
@@ -301,7 +294,7 @@ def calibrate(model: nn.Module, batches, blocks=None) -> None:
             b._calib = {}
         with torch.no_grad():
             for x in batches:
-                _forward(model, x)
+                call_model(model, x)
         for b in blocks:
             b.apply_calibration()
     finally:
@@ -318,7 +311,7 @@ def recalibrate_bn(model: nn.Module, batches, blocks=None) -> None:
     blocks = [m for _, m in annealed_blocks(model)] if blocks is None else list(blocks)
     bns = [m for b in blocks for m in b.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
            and m.track_running_stats]
-    recalibrate_batchnorm(model, bns, batches, lambda x: _forward(model, x))
+    recalibrate_batchnorm(model, bns, batches, lambda x: call_model(model, x))
 
 
 # --------------------------------------------------------------------------- merging
@@ -351,26 +344,26 @@ def merge_block(model: nn.Module, block) -> dict:
     path, w = _find_wrapper(model, block)
     merged = w.merge()
     merged.train(w.training)
-    _set_module(model, path, merged)
+    set_module(model, path, merged)
     return _entry(path, w, merged)
 
 
 def unwrap_block(model: nn.Module, block) -> None:
     """Put the original block back in place of its annealed wrapper (undo :func:`anneal`)."""
     path, w = _find_wrapper(model, block)
-    _set_module(model, path, w.block)
+    set_module(model, path, w.block)
 
 
 # --------------------------------------------------------------------------- block selection
 
 
-def _macs(module: nn.Module, args) -> int:
+def macs_of(module: nn.Module, args) -> int:
     from ...metrics.profiling import count_macs
 
     return count_macs(module, args)
 
 
-def _capture_inputs(model, wrappers, batch) -> dict:
+def capture_inputs(model, wrappers, batch) -> dict:
     """First positional input of each wrapper on ``batch`` (for per-block MACs)."""
     got, handles = {}, []
     for w in wrappers:
@@ -379,7 +372,7 @@ def _capture_inputs(model, wrappers, batch) -> dict:
         handles.append(w.register_forward_pre_hook(hook))
     try:
         with torch.no_grad():
-            _forward(model, batch)
+            call_model(model, batch)
     finally:
         for h in handles:
             h.remove()
@@ -395,7 +388,7 @@ def stripped_copy(model: nn.Module) -> nn.Module:
     work = copy.deepcopy(model)
     for path, w in annealed_blocks(work):
         if path:
-            _set_module(work, path, w.block)
+            set_module(work, path, w.block)
     return work
 
 
@@ -410,16 +403,16 @@ def score_blocks(model: nn.Module, example_inputs, blocks=None, *, end_act: bool
     """
     if example_inputs is None:
         raise PruningError("choosing blocks needs example_inputs (a batch to measure the output change on)")
-    refs = find_blocks(model) if blocks is None else _resolve(model, blocks)
+    refs = find_blocks(model) if blocks is None else resolve_blocks(model, blocks)
     if not refs:
         return []
     work = (copy.deepcopy(model) if copy_model else model).eval()
     with torch.no_grad():
-        ref_out = _output_tensor(_forward(work, example_inputs)).double()
+        ref_out = output_tensor(call_model(work, example_inputs)).double()
     denom = ref_out.pow(2).sum().clamp_min(1e-30)
     wrappers = anneal(work, [r.path for r in refs], end_act=end_act)
     calibrate(work, [example_inputs], wrappers)
-    inputs = _capture_inputs(work, wrappers, example_inputs) if with_macs else {}
+    inputs = capture_inputs(work, wrappers, example_inputs) if with_macs else {}
     out = []
     for r, w in zip(refs, wrappers):
         snap = _state(w)
@@ -427,13 +420,13 @@ def score_blocks(model: nn.Module, example_inputs, blocks=None, *, end_act: bool
             w.set_lambda(1.0)
             recalibrate_bn(work, [example_inputs], [w])
             with torch.no_grad():
-                y = _output_tensor(_forward(work, example_inputs)).double()
+                y = output_tensor(call_model(work, example_inputs)).double()
             score = float((y - ref_out).pow(2).sum() / denom)
             x = inputs.get(id(w))
             macs_block = macs_merged = None
             if x is not None:
-                macs_block = _macs(w.block, (x,))
-                macs_merged = _macs(w.merge().eval(), (x,))
+                macs_block = macs_of(w.block, (x,))
+                macs_merged = macs_of(w.merge().eval(), (x,))
         finally:
             w.set_lambda(0.0)
             w.load_state_dict(snap)
@@ -446,14 +439,14 @@ def _default_count(n: int) -> int:
     return max(1, int(round(DEFAULT_FRACTION * n)))
 
 
-def _select(model, example_inputs, blocks, num_blocks, target_macs,
+def select_blocks(model, example_inputs, blocks, num_blocks, target_macs,
             copy_model=True) -> tuple[list[BlockRef], str, dict]:
     """Resolve the blocks to prune; returns ``(refs, how, info)``; raises before touching the model."""
     given = [a is not None for a in (blocks, num_blocks, target_macs)]
     if sum(given) > 1:
         raise PruningError("give at most one of blocks=, num_blocks= and target_macs=")
     if blocks is not None:
-        refs = _resolve(model, blocks)
+        refs = resolve_blocks(model, blocks)
         if not refs:
             raise PruningError("blocks is empty")
         return refs, "blocks", {}
@@ -483,7 +476,7 @@ def _check_targets(num_blocks, target_macs, n):
 def _choose(scores, model, example_inputs, how, num_blocks, target_macs, n_cands):
     info = {"scores": {s["ref"].path: s["score"] for s in scores}}
     if how == "target_macs":
-        dense = _macs(model, example_inputs)
+        dense = macs_of(model, example_inputs)
         budget = target_macs * dense
         saving = {s["ref"].path: (s["macs_block"] or 0) - (s["macs_merged"] or 0) for s in scores}
         order = sorted(scores, key=lambda s: s["score"] / max(saving[s["ref"].path], 1))
@@ -532,7 +525,7 @@ def prune_depth(model: nn.Module, *, example_inputs=None, blocks=None, num_block
     :class:`~hf_prune.errors.PruningError` raised.
     """
     try:
-        refs, how, info = _select(model, example_inputs, blocks, num_blocks, target_macs)
+        refs, how, info = select_blocks(model, example_inputs, blocks, num_blocks, target_macs)
     except ValueError as exc:
         if "value per channel" not in str(exc):
             raise
@@ -544,7 +537,7 @@ def prune_depth(model: nn.Module, *, example_inputs=None, blocks=None, num_block
         if needs_stats:
             warnings.warn(f"prune_depth without example_inputs: the BNs replacing LayerNorms in {needs_stats} are "
                           "not calibrated, so the merged blocks are poor until fine-tuned", stacklevel=2)
-    macs_before = _macs(model, example_inputs) if example_inputs is not None else None
+    macs_before = macs_of(model, example_inputs) if example_inputs is not None else None
     originals = {r.path: model.get_submodule(r.path) for r in refs}
     snapshots = {p: _state(m) for p, m in originals.items()}
     was_training = model.training
@@ -560,14 +553,14 @@ def prune_depth(model: nn.Module, *, example_inputs=None, blocks=None, num_block
             e = merge_block(model, w)
             e["score"] = info.get("scores", {}).get(r.path)
             entries.append(e)
-        macs_after = _macs(model, example_inputs) if example_inputs is not None else None
+        macs_after = macs_of(model, example_inputs) if example_inputs is not None else None
         if example_inputs is not None:
             with torch.no_grad():
-                _output_tensor(_forward(model, example_inputs))
+                output_tensor(call_model(model, example_inputs))
     except Exception as exc:
         for p, m in originals.items():
             m.load_state_dict(snapshots[p])
-            _set_module(model, p, m)
+            set_module(model, p, m)
         model.train(was_training)
         if isinstance(exc, PruningError):
             raise
@@ -619,7 +612,7 @@ class UPDPAnnealer:
         self.schedule = Annealing(start, end, schedule)  # validates start/end/shape
         self.model = model
         self.total_steps = total_steps
-        refs, self.selection, self.info = _select(model, example_inputs, blocks, num_blocks, target_macs)
+        refs, self.selection, self.info = select_blocks(model, example_inputs, blocks, num_blocks, target_macs)
         self.refs = refs
         self.end_act = end_act
         self.blocks = anneal(model, refs, end_act=end_act)
@@ -705,11 +698,3 @@ class UPDPAnnealer:
         for w in self.blocks:
             unwrap_block(self.model, w)
         self.blocks = []
-
-
-def __getattr__(name):
-    if name == "UPDPCallback":
-        from .callback import UPDPCallback
-
-        return UPDPCallback
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -66,9 +66,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...errors import PruningError
-from ...core.inputs import model_device, to_device
+from ...core.inputs import batch_size, call_model, first_tensor, model_device, split_batch, to_device
 from ...core.execution import module_modes, recalibrate_batchnorm, restore_modes
-from .depth import (AnnealedBlock, _capture_inputs, _macs, _output_tensor, _resolve, _set_module, anneal, calibrate,
+from .depth import (AnnealedBlock, anneal, calibrate, capture_inputs, macs_of, output_tensor, resolve_blocks, set_module,
                     find_blocks)
 
 __all__ = ["DepthSupernet", "SubnetSampler", "train_supernet", "search", "evaluate_subnet", "SearchResult"]
@@ -92,51 +92,13 @@ def _batches(data, batch_size: int = 256) -> list:
     return list(data)
 
 
-def _split(batch):
-    """``(inputs, labels)`` of a batch: a mapping with ``labels``, a ``(inputs, labels)`` pair, or inputs alone."""
-    if isinstance(batch, Mapping):
-        inputs = {k: v for k, v in batch.items() if k not in ("labels", "label")}
-        return inputs, batch.get("labels", batch.get("label"))
-    if isinstance(batch, (tuple, list)) and len(batch) == 2:
-        return batch[0], batch[1]
-    return batch, None
-
-
 def _inputs(batch, device):
-    """Model inputs of a batch, on ``device``; a single-entry mapping becomes its tensor (see :func:`_call`)."""
-    x = _split(batch)[0]
-    if isinstance(x, Mapping) and len(x) == 1:
-        x = next(iter(x.values()))
-    return to_device(x, device)
+    """Model inputs of a batch (labels dropped), on ``device``."""
+    return to_device(split_batch(batch)[0], device)
 
 
 def _call(model: nn.Module, inputs) -> torch.Tensor:
-    """Logits. A single-entry mapping is passed positionally: timm and transformers image models both take
-    the pixels as their first argument (timm has no ``pixel_values`` keyword)."""
-    if isinstance(inputs, Mapping):
-        out = model(next(iter(inputs.values()))) if len(inputs) == 1 else model(**inputs)
-    elif isinstance(inputs, (tuple, list)):
-        out = model(*inputs)
-    else:
-        out = model(inputs)
-    return _output_tensor(out)
-
-
-def _first(inputs) -> torch.Tensor:
-    if isinstance(inputs, torch.Tensor):
-        return inputs
-    values = inputs.values() if isinstance(inputs, Mapping) else inputs
-    return next(v for v in values if isinstance(v, torch.Tensor))
-
-
-def _batch_size(inputs) -> int:
-    if isinstance(inputs, torch.Tensor):
-        return int(inputs.shape[0]) if inputs.dim() else 1
-    values = inputs.values() if isinstance(inputs, Mapping) else inputs if isinstance(inputs, (tuple, list)) else []
-    for v in values:
-        if isinstance(v, torch.Tensor) and v.dim():
-            return int(v.shape[0])
-    return 1
+    return output_tensor(call_model(model, inputs))
 
 
 def _bns(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
@@ -192,7 +154,7 @@ class DepthSupernet:
     """
 
     def __init__(self, model: nn.Module, blocks=None, *, example_inputs=None, end_act: bool = True):
-        refs = find_blocks(model) if blocks is None else _resolve(model, blocks)
+        refs = find_blocks(model) if blocks is None else resolve_blocks(model, blocks)
         if not refs:
             raise PruningError(f"{type(model).__name__} has no block UPDP can merge, so there is no depth supernet "
                                "(supported: ConvNeXt V1, MobileNetV2 inverted residuals, ResNet, ViT/DeiT blocks)")
@@ -247,14 +209,14 @@ class DepthSupernet:
     def macs_table(self, example_inputs) -> dict:
         """Per-sample MACs: ``{"dense", "saving": [per candidate]}`` (original minus merged block)."""
         inputs = _inputs(_batches(example_inputs)[0], model_device(self.model))
-        key = tuple(_first(inputs).shape[1:])  # per-sample MACs depend on the sample shape only
+        key = tuple(first_tensor(inputs).shape[1:])  # per-sample MACs depend on the sample shape only
         if self._table is not None and self._table["shape"] == key:
             return self._table
         previous = self.choice
         self.set_choice(())
         try:
-            dense = _macs(self.model, inputs)
-            block_in = _capture_inputs(self.model, self.wrappers, inputs)
+            dense = macs_of(self.model, inputs)
+            block_in = capture_inputs(self.model, self.wrappers, inputs)
             saving = []
             for w in self.wrappers:
                 x = block_in[id(w)]
@@ -263,10 +225,10 @@ class DepthSupernet:
                     merged = w.merge().eval()
                 finally:
                     w.set_lambda(0.0)
-                saving.append(_macs(w.block, (x,)) - _macs(merged, (x,)))
+                saving.append(macs_of(w.block, (x,)) - macs_of(merged, (x,)))
         finally:
             self.set_choice(previous)
-        n = _batch_size(inputs)
+        n = batch_size(inputs)
         self._table = {"dense": dense / n, "saving": [s / n for s in saving], "shape": key}
         return self._table
 
@@ -286,15 +248,15 @@ class DepthSupernet:
             w = work.get_submodule(r.path)
             if i in c:
                 w.set_lambda(1.0)
-                _set_module(work, r.path, w.merge())
+                set_module(work, r.path, w.merge())
             else:
-                _set_module(work, r.path, w.block)
+                set_module(work, r.path, w.block)
         return work.eval()
 
     def restore(self) -> nn.Module:
         """Put every original block back (unwrap, with the supernet-trained weights); returns the model."""
         for r, w in zip(self.refs, self.wrappers):
-            _set_module(self.model, r.path, w.block)
+            set_module(self.model, r.path, w.block)
         self.wrappers = []
         return self.model
 
@@ -331,7 +293,7 @@ def train_supernet(supernet: DepthSupernet, data, steps: int, *, lr: float = 1e-
     model.train()
     for step in range(steps):
         choice = supernet.set_choice(sampler(step))
-        inputs, labels = _split(next(stream))
+        inputs, labels = split_batch(next(stream))
         if labels is None:
             raise PruningError("supernet training needs labelled batches (a 'labels' key or (inputs, labels))")
         inputs, labels = to_device(inputs, device), labels.to(device)
@@ -410,7 +372,7 @@ def evaluate_subnet(supernet: DepthSupernet, choice, data, *, calib_data=None, r
         loss = 0.0
         with torch.no_grad():
             for b in _batches(data):
-                inputs, labels = _split(b)
+                inputs, labels = split_batch(b)
                 if labels is None:
                     raise PruningError("the accuracy proxy needs labelled held-out batches; or pass score_fn=")
                 logits = _call(model, to_device(inputs, device)).float()

@@ -1,0 +1,265 @@
+"""DepGraphCallback: structured pruning on a schedule during training, with the paper's sparse learning.
+
+Masks grow on the schedule (:class:`~hf_prune.trainer.callback.ScheduledPruningCallback`); scores are
+made identical on every process before each allocation and the removed units are compared across
+ranks afterwards; the model is compacted when training ends (``compact_at_end``).
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import nn
+
+from ...core.distributed import check_same_everywhere, sync_scores
+from ...engine.importance import unit_scores
+from ...engine.pruner import StructuredPruner, compact
+from ...errors import ConfigError, PruningError
+from ...trainer.callback import ScheduledPruningCallback
+from .config import DepGraphConfig
+
+__all__ = ["DepGraphCallback"]
+
+REFERENCE_KEYS = ("macs", "params", "prunable_params")
+
+
+class DepGraphCallback(ScheduledPruningCallback):
+    """DepGraph (Fang et al., CVPR 2023): iterative group pruning on a schedule, optional sparse learning.
+
+    ``DepGraphCallback(config=None, *, example_inputs=None, reference=None, **fields)`` with a
+    :class:`DepGraphConfig` or its fields (``target_macs=0.5, schedule="cubic", end=0.5, ...``).
+
+    Coupled units (a channel with every slice of every tensor it touches, an attention head, ...) are
+    removed together; importance is aggregated over the whole unit: ``"l2"`` / ``"l1"`` group magnitude
+    (the paper's baseline "w/o SL" with l2) or ``"taylor"`` (``|w · ∂L/∂w|``, accumulated after every
+    backward since the previous pruning step; a due step waits one step if no gradient was seen yet).
+
+    ``group_sparsity=λ`` is the paper's sparse learning: a group-level penalty over every coupled unit
+    ``k`` weighted by ``γ_k = 2^{α (I_max − I_k)/(I_max − I_min)}`` inside each group (``I_k = ||w_k||²``),
+    so that less important units are pushed harder towards zero. ``sparse_penalty="lasso"`` (default)
+    adds ``λ Σ_k γ_k ||w_k||₂`` (gradient ``λ γ_k w / ||w_k||``), ``"squared"`` the paper's
+    ``λ Σ_k γ_k ||w_k||²`` (gradient ``2 λ γ_k w``). The gradient is **added to ``.grad``** after
+    clipping and DDP averaging, on every step before the schedule's last pruning step.
+
+    ``reference``: ``{"macs", "params", "prunable_params"}`` of the model the targets refer to (staged
+    fine-tuning passes the original dense model's counts, so that each stage's target is relative to it
+    rather than to the already-pruned input of the stage).
+    """
+
+    config_class = DepGraphConfig
+
+    def __init__(self, config=None, *, example_inputs=None, reference: dict | None = None, **fields):
+        super().__init__(config, example_inputs=example_inputs, **fields)
+        if reference is not None and not set(REFERENCE_KEYS) <= set(reference):
+            raise ConfigError(f"reference={reference!r} must have the keys {REFERENCE_KEYS}")
+        self.reference = dict(reference) if reference is not None else None
+
+    @property
+    def target_kind(self) -> str:
+        return self.config.target_kind
+
+    def _reset(self) -> None:
+        super()._reset()
+        self.pruner: StructuredPruner | None = None
+        self.final_removed: list | None = None
+        self._taylor: torch.Tensor | None = None
+        self._taylor_count = 0
+
+    # ------------------------------------------------------------------ protocol
+    def prepare(self, model: nn.Module, example_inputs) -> None:
+        c = self.config
+        self.pruner = StructuredPruner(model, example_inputs, importance="l2" if c.importance == "taylor"
+                                       else c.importance, mode=c.mode, round_to=c.round_to,
+                                       ignored_layers=c.ignored_layers, prune_stem=c.prune_stem)
+        final = self.schedule.final_target
+        if final is not None and self.schedule.final > 0:
+            try:  # an unreachable target fails now, before any training step
+                self.pruner.plan(**{self.schedule.kind: final})
+            except PruningError as exc:
+                raise ConfigError(f"{self.target_kind}={getattr(c, self.target_kind)} cannot be reached on "
+                                  f"{type(model).__name__} with round_to={c.round_to}: {exc}") from None
+
+    def resolve_schedule(self):
+        """The config's schedule, with targets converted from ``reference`` to this model."""
+        t = self.schedule_template()
+        if self.reference is None:
+            return t
+        cur, ref = self.current_counts(), self.reference
+        if t.kind == "target_macs":
+            rel = t.final_target * ref["macs"] / max(cur["macs"], 1)
+            final = max(0.0, 1.0 - min(rel, 1.0))
+        else:
+            want_removed = t.final_target * ref["prunable_params"] - (ref["params"] - cur["params"])
+            final = min(max(0.0, want_removed / max(cur["prunable_params"], 1)), 0.999)
+        if final == 0.0:
+            warnings.warn(f"the model already meets the target ({t.kind}={t.final_target} of the reference): "
+                          "this stage prunes nothing", stacklevel=3)
+        return type(t)(final=final, kind=t.kind, initial=min(t.initial, final), start=t.start, end=t.end,
+                       frequency=t.frequency)
+
+    def current_counts(self) -> dict:
+        g = self.pruner.graph
+        return {"macs": self.pruner.dense_macs, "params": self.pruner.dense_params,
+                "prunable_params": g.params(only_prunable=True)}
+
+    def ready_to_prune(self) -> bool:
+        return self.config.importance != "taylor" or self._taylor_count > 0
+
+    def compute_scores(self) -> torch.Tensor:
+        """Raw importance per union-find root, on this process."""
+        if self.config.importance == "taylor":
+            return self._taylor / max(self._taylor_count, 1)
+        return unit_scores(self.pruner.graph, self.config.importance)
+
+    def prune_to(self, step: int, target: dict) -> bool:
+        scores = sync_scores(self.compute_scores().double(), self.config.sync)
+        before = self.pruner.removed
+        try:
+            planned = self.pruner.plan(scores=scores, **target)
+            changed = not torch.equal(planned, before)
+            if changed:
+                self.pruner.step(scores=scores, **target)
+        except PruningError as exc:
+            raise PruningError(f"{type(self).__name__}: pruning at step {step} to {target} failed: {exc}") from exc
+        check_same_everywhere(self.pruner.removed)
+        self._taylor, self._taylor_count = None, 0
+        return changed
+
+    def gradients(self) -> None:
+        last = self.schedule.steps(self.total_steps)[1]
+        if self.config.importance == "taylor" and (self.step < last or self.pending):
+            self._accumulate_taylor()
+        if self.config.group_sparsity > 0 and self.step < last:
+            self._regularize()
+
+    def enforce(self) -> None:
+        mask = self.pruner.mask
+        if mask is not None:
+            mask.enforce(self.model)
+
+    def counts(self) -> dict:
+        s = dict(self.pruner.stats())
+        if self.reference is not None:
+            s["macs_ratio"] = s["macs"] / max(self.reference["macs"], 1)
+            s["params_ratio"] = s["params"] / max(self.reference["params"], 1)
+        s["dense_macs"] = self.reference["macs"] if self.reference else self.pruner.dense_macs
+        s["dense_params"] = self.reference["params"] if self.reference else self.pruner.dense_params
+        return s
+
+    def finalize(self) -> dict | None:
+        self.final_removed = self.removed_slices()
+        self.final_stats = self.counts()
+        if not self.config.compact_at_end:
+            return None  # masks stay (staged fine-tuning compacts between stages)
+        if self.total_steps is not None:
+            self.warn_if_early()
+        if self.pruner.mask is not None:
+            compact(self.model)
+        s = self.final_stats
+        return {"params_before": int(s["dense_params"]), "params_after": int(s["params"]),
+                "macs_before": int(s["dense_macs"]), "macs_after": int(s["macs"])}
+
+    # ------------------------------------------------------------------ checkpoints
+    def removed_slices(self) -> list:
+        """``[(tensor name, dim, removed indices)]`` for every tensor dim that lost something."""
+        g = self.pruner.graph
+        keep = g.keep_mask(self.pruner.removed)
+        out = []
+        for m in g.members:
+            gone = torch.nonzero(~keep[m.units]).reshape(-1)
+            if gone.numel():
+                out.append((m.tensor, int(m.dim), gone.tolist()))
+        return out
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "taylor_count": self._taylor_count,
+                "removed": [{"tensor": t, "dim": d, "indices": i} for t, d, i in self.removed_slices()]}
+
+    def extra_tensors(self) -> dict:
+        return {"taylor": self._taylor} if self._taylor is not None else {}
+
+    def load_state_dict(self, state: dict, tensors: dict | None = None) -> None:
+        super().load_state_dict(state, tensors)
+        removed = self._roots_from_slices(state["removed"])
+        if removed.numel() or self.pruner.mask is not None:
+            self.pruner.apply(removed)
+        check_same_everywhere(self.pruner.removed)
+        self._taylor_count = int(state["taylor_count"])
+        tensors = tensors or {}
+        self._taylor = tensors["taylor"].to(torch.float64) if "taylor" in tensors else None
+
+    def _roots_from_slices(self, records: list) -> torch.Tensor:
+        g = self.pruner.graph
+        by_key = {(m.tensor, m.dim): m for m in g.members}
+        roots = [torch.zeros(0, dtype=torch.int64)]
+        for rec in records:
+            m = by_key.get((rec["tensor"], rec["dim"]))
+            if m is None:
+                raise PruningError(f"the checkpoint masks tensor {rec['tensor']!r} dim {rec['dim']}, which is not a "
+                                   "prunable dimension of this model: resume with the same model and example inputs")
+            idx = torch.tensor(rec["indices"], dtype=torch.int64)
+            if idx.numel() and (idx.min() < 0 or idx.max() >= m.units.numel()):
+                raise PruningError(f"the checkpoint removes index {int(idx.max())} of {rec['tensor']!r} dim "
+                                   f"{rec['dim']}, which has {m.units.numel()} entries: different model?")
+            roots.append(m.units[idx])
+        removed = torch.unique(torch.cat(roots))
+        keep = g.keep_mask(removed)
+        got = {(m.tensor, m.dim): torch.nonzero(~keep[m.units]).reshape(-1).tolist() for m in g.members}
+        want = {(r["tensor"], r["dim"]): list(r["indices"]) for r in records}
+        mismatch = [k for k in set(got) | set(want) if got.get(k, []) != want.get(k, [])]
+        if mismatch:
+            raise PruningError(f"the checkpoint's removed indices are not whole units of this model's dependency "
+                               f"graph (e.g. {mismatch[:3]}); resume with the same model and example inputs")
+        return removed
+
+    # ------------------------------------------------------------------ Taylor and sparse learning
+    def _prunable_params(self):
+        g = self.pruner.graph
+        tensors = g._named_tensors()
+        return g, [(m, tensors[m.tensor]) for m in g.members if m.tensor in g.param_names]
+
+    @torch.no_grad()
+    def _accumulate_taylor(self) -> None:
+        g, members = self._prunable_params()
+        scores = torch.zeros(g.trace.uf.size, dtype=torch.float64)
+        cache = {}
+        for m, p in members:
+            if p.grad is None:
+                continue
+            if m.tensor not in cache:
+                cache[m.tensor] = (p.detach().float() * p.grad.detach().float()).abs()
+            s = cache[m.tensor]
+            dims = [d for d in range(s.dim()) if d != m.dim]
+            per_index = s.sum(dim=dims) if dims else s
+            scores.index_add_(0, m.units, per_index.double().cpu())
+        self._taylor = scores if self._taylor is None else self._taylor + scores
+        self._taylor_count += 1
+
+    @torch.no_grad()
+    def _regularize(self) -> None:
+        c = self.config
+        g, members = self._prunable_params()
+        sq = unit_scores(g, "l2")  # ||w_u||² over every slice of unit u
+        keep = g.keep_mask(self.pruner.removed)
+        coef = torch.zeros_like(sq)
+        for grp in g.groups:
+            units = grp.units[keep[grp.units]]
+            if units.numel() == 0:
+                continue
+            imp = sq[units]
+            span = float(imp.max() - imp.min())
+            rel = (imp.max() - imp) / span if span > 0 else torch.zeros_like(imp)
+            gamma = torch.pow(2.0, c.sparse_alpha * rel)
+            if c.sparse_penalty == "lasso":
+                coef[units] = c.group_sparsity * gamma / imp.sqrt().clamp_min(1e-12)
+            else:
+                coef[units] = 2.0 * c.group_sparsity * gamma
+        for m, p in members:
+            if p.grad is None or not p.requires_grad:
+                continue
+            cm = coef[m.units]
+            if not bool(cm.any()):
+                continue
+            shape = [1] * p.dim()
+            shape[m.dim] = -1
+            p.grad.add_(p.detach() * cm.to(p.device, p.grad.dtype).view(shape))

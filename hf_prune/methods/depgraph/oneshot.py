@@ -1,0 +1,54 @@
+"""One-shot DepGraph: trace, score, allocate and compact in one transactional call."""
+from __future__ import annotations
+
+from torch import nn
+
+from ...core.execution import eval_mode
+from ...core.inputs import batch_size, call_model, logits_of, split_batch
+from ...engine.pruner import StructuredPruner, with_repairs
+from ...errors import ConfigError
+from .config import DepGraphConfig
+
+
+def taylor_gradients(model: nn.Module, calib, loss_fn=None, max_batches: int = 8) -> None:
+    """Accumulate ``∂L/∂w`` over up to ``max_batches`` labelled ``calib`` batches (eval mode), for Taylor scores."""
+    model.zero_grad(set_to_none=True)
+    with eval_mode(model):
+        for i, batch in enumerate(calib):
+            if i >= max_batches:
+                break
+            inputs, labels = split_batch(batch)
+            if labels is None:
+                raise ConfigError("importance='taylor' needs labelled calib batches ({'pixel_values', 'labels'} "
+                                  "dicts or (x, y) pairs) to compute gradients")
+            logits = logits_of(call_model(model, inputs))
+            loss = loss_fn(logits, labels) if loss_fn else nn.functional.cross_entropy(logits, labels)
+            loss.backward()
+
+
+def prune_depgraph(model: nn.Module, config: DepGraphConfig, *, example_inputs=None, calib=None, loss_fn=None,
+                   compact: bool = True) -> dict:
+    """Prune ``model`` in place to ``config``'s target; returns parameter and MAC counts before/after.
+
+    ``compact=False`` leaves masks (fixed shapes, for training); :func:`hf_prune.compact` removes them.
+    """
+    if example_inputs is None:
+        raise ConfigError("method 'depgraph' traces the model: pass example_inputs= (e.g. "
+                          "{'pixel_values': torch.randn(1, 3, 224, 224)} or a tensor)")
+    if config.importance == "taylor":
+        if calib is None:
+            raise ConfigError("importance='taylor' needs gradients: pass calib= (labelled batches)")
+        taylor_gradients(model, calib, loss_fn)
+
+    def build(frozen_modules, frozen_splits):
+        return StructuredPruner(model, example_inputs, importance=config.importance, mode=config.mode,
+                                round_to=config.round_to, ignored_layers=config.ignored_layers,
+                                prune_stem=config.prune_stem, frozen_modules=frozen_modules,
+                                frozen_splits=frozen_splits)
+
+    target = {config.target_kind: getattr(config, config.target_kind)}
+    pruner = with_repairs(model, build, lambda p: p.step(**target, compacted=compact))
+    stats = pruner.stats()
+    return {"params_before": pruner.dense_params, "params_after": stats["params"],
+            "macs_before": pruner.dense_macs, "macs_after": stats["macs"],
+            "macs_batch_size": batch_size(example_inputs)}

@@ -1,0 +1,45 @@
+"""Settings of RD layer-adaptive weight pruning."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ...core.checks import check_choice, check_fraction, check_int
+from ...errors import ConfigError
+from ...sparse.config import WeightPruningConfig
+
+REDUCTIONS = ("max", "mean")
+
+
+@dataclass
+class RDConfig(WeightPruningConfig):
+    """RD (Xu et al., ICCV 2023): per-layer sparsities from output-distortion curves, by dynamic programming.
+
+    ``grid``: sparsity points per curve (evenly spaced on ``[0, max_sparsity]``); ``reduction``: distortion
+    over the calibration samples, ``"max"`` (worst case, as in the authors' runs) or ``"mean"``;
+    ``max_batches``: calibration batches used for the curves (None: all); ``max_states``: budget columns
+    of the DP table (its quantisation). Calibration data (``calib=``) are required. Other fields:
+    :class:`~hf_prune.sparse.config.WeightPruningConfig`.
+    """
+
+    method = "rd"
+
+    grid: int = 21
+    reduction: str = "max"
+    max_sparsity: float = 1.0
+    max_batches: int | None = None
+    max_states: int = 131072
+
+    def validate(self) -> None:
+        super().validate()
+        if self.nm is not None:
+            raise ConfigError("RD allocates a sparsity per layer; nm= patterns are method 'magnitude' or 'ovit'")
+        check_int("grid", self.grid, minimum=2, meaning="sparsity points per distortion curve")
+        check_choice("reduction", self.reduction, REDUCTIONS)
+        check_fraction("max_sparsity", self.max_sparsity, meaning="the largest sparsity any one layer may get")
+        if self.max_batches is not None:
+            check_int("max_batches", self.max_batches)
+        check_int("max_states", self.max_states)
+
+    def curve_options(self) -> dict:
+        return {"grid": self.grid, "reduction": self.reduction, "max_sparsity": self.max_sparsity,
+                "max_batches": self.max_batches, "max_states": self.max_states}
