@@ -5,6 +5,7 @@
     hf-prune prune MODEL --method depgraph (--target-macs F | --sparsity F) [--output DIR] ...
     hf-prune profile MODEL [--image-size N] [--batch-size N] [--json]
     hf-prune demo [--quick] [--output DIR] [--json]
+    hf-prune export MODEL --output model.onnx [--opset N] [--exporter auto|dynamo|torchscript]
 
 ``MODEL`` is a timm model name (``resnet18``; built with random weights unless ``--pretrained``),
 a local directory holding a transformers ``config.json`` (weights are loaded when the directory
@@ -151,6 +152,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true",
                    help="print the results as JSON on stdout (the log goes to stderr)")
     p.set_defaults(func=_cmd_demo)
+
+    from . import export as export_cmd  # its own module: arguments and run()
+
+    p = sub.add_parser("export", parents=[common], help=export_cmd.HELP, description=export_cmd.DESCRIPTION)
+    export_cmd.add_arguments(p)
+    p.set_defaults(func=export_cmd.run)
     return parser
 
 
