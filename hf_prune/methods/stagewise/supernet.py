@@ -69,6 +69,7 @@ from ...api import PRUNE_RECORD
 from ...errors import PruningError
 from ...core.execution import eval_mode, recalibrate_batchnorm
 from ...core.inputs import logits_of
+from ...core.progress import progress
 from ...engine.masks import MaskedNorm, get_mask
 
 __all__ = ["Stage", "WidthSpace", "Supernet", "SearchResult", "find_stages", "evolutionary_search",
@@ -754,10 +755,13 @@ def evolutionary_search(space: WidthSpace, fitness, feasible, *, population: int
         raise PruningError(f"population={population} and generations={generations} must be >= 2 and >= 1")
     gen = torch.Generator().manual_seed(int(seed))
     cache: dict = {}
+    # one tick per distinct subnet scored; repeats come from the cache, so the bar may end early
+    bar = progress(total=population * generations, desc="SP width search", unit="subnet")
 
     def score(c):
         if c not in cache:
             cache[c] = float(fitness(c))
+            bar.update(1)
         return cache[c]
 
     pop = []
@@ -777,6 +781,7 @@ def evolutionary_search(space: WidthSpace, fitness, feasible, *, population: int
     for g in range(generations):
         ranked = sorted(pop, key=lambda c: (-score(c), c))
         history.append((g, score(ranked[0]), list(ranked[0])))
+        bar.set_postfix(generation=f"{g + 1}/{generations}", best=f"{score(ranked[0]):.4f}")
         if g == generations - 1:
             break
         parents = ranked[:max(2, int(round(parent_fraction * len(ranked))))]
@@ -797,6 +802,7 @@ def evolutionary_search(space: WidthSpace, fitness, feasible, *, population: int
             if child is not None and child not in children:
                 children.append(child)
         pop = children
+    bar.close()
     best = max(cache, key=lambda c: (cache[c], tuple(-x for x in c)))
     return best, cache[best], history
 
