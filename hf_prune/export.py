@@ -77,8 +77,8 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, *, example_inputs, op
             if check:
                 _check(model, staged, args, kwargs, input_names, output_names, dynamic_batch, rtol)
             path.parent.mkdir(parents=True, exist_ok=True)
-            for item in Path(tmp).iterdir():  # the .onnx file and any external-data file beside it
-                shutil.move(str(item), path.parent / item.name.replace(staged.name, path.name, 1))
+            for item in Path(tmp).iterdir():  # the .onnx file and any external-data file it names
+                shutil.move(str(item), path.parent / item.name)
     return path
 
 

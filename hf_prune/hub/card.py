@@ -110,11 +110,11 @@ def _eval_results(metrics, card_data: dict, model_name: str):
                 metric_value=value, metric_name=item.get("name")))
         rows.append({"name": item.get("name") or item["type"], "value": value,
                      "dataset": (name + (f" ({ds['split']})" if ds.get("split") else "")) if name else "not given"})
-    _warn_undated(items, rows)
+    _warn_no_dataset(items, rows)
     return results, rows
 
 
-def _warn_undated(items, rows) -> None:
+def _warn_no_dataset(items, rows) -> None:
     missing = [r["name"] for r in rows if r["dataset"] == "not given"]
     if missing:
         warnings.warn(f"metrics {missing} name no dataset, so they are shown in the card but left out of its "
