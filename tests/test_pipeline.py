@@ -25,6 +25,26 @@ pytestmark = [pytest.mark.usefixtures("one_thread"),
               pytest.mark.filterwarnings("ignore:Use 'content=<...>' to upload raw:DeprecationWarning")]
 
 LABELS = {i: f"digit {i}" for i in range(10)}
+
+
+@pytest.fixture(autouse=True)
+def own_auto_registry():
+    """enable_pipeline() changes transformers' Auto registries for the whole process: give them back
+    after each test, so that other tests still see a plain transformers that refuses pruned types."""
+    from transformers.models.auto import configuration_auto, modeling_auto
+
+    from hf_prune.hub import auto
+
+    mappings = [configuration_auto.CONFIG_MAPPING] + [getattr(modeling_auto, name[:-len("_NAMES")])
+                                                      for _, name in auto.VISION_AUTO_CLASSES]
+    saved = [dict(m._extra_content) for m in mappings]
+    registered = set(auto._REGISTERED)
+    yield
+    for mapping, extra in zip(mappings, saved):
+        mapping._extra_content.clear()
+        mapping._extra_content.update(extra)
+    auto._REGISTERED.clear()
+    auto._REGISTERED.update(registered)
 TIMM_CFG = {"input_size": [3, 32, 32], "interpolation": "bilinear", "mean": [0.5, 0.5, 0.5],
             "std": [0.25, 0.25, 0.25], "crop_pct": 1.0, "crop_mode": "center"}
 
@@ -107,7 +127,9 @@ def test_vit_pipeline_from_a_saved_folder(tmp_path):
         (source / "preprocessor_config.json").read_text())
     assert json.loads((out / "config.json").read_text())["model_type"] == "hf_prune_vit"
 
-    assert "hf_prune_vit" in enable_pipeline() + enable_pipeline("vit") + ["hf_prune_vit"]
+    with pytest.raises(ValueError, match="hf_prune_vit"):  # plain transformers refuses the pruned type
+        pipeline("image-classification", model=str(out))
+    assert "hf_prune_vit" in enable_pipeline() and enable_pipeline("vit") == []  # idempotent
     pipe = pipeline("image-classification", model=str(out))
     assert type(pipe.model).__name__ == "ViTForImageClassification"
     assert_pipeline_agrees(pipe, model, ViTImageProcessor.from_pretrained(source), digit_images())
