@@ -287,16 +287,22 @@ def main(argv=None):
     if args.list:
         print("\n".join(models))
         return 0
+    from hf_prune.core.progress import progress
+
     info = env_info()
     rows = []
     t_all = time.perf_counter()
+    bar = progress(total=len(models), desc="coverage", unit="model")  # the model being pruned, elapsed, ETA
     for i, name in enumerate(models):
+        bar.set_postfix_str(name.strip())
         row = run_one(name.strip(), args.target_macs, args.timeout or None, perturb=not args.no_perturb)
         rows.append(row)
         status = "ok " if row["status"] == "ok" else f"FAIL [{row['stage']}] {row['error']}"
         extra = (f" macs {row['macs_ratio']:.3f} params {row['params_ratio']:.3f} err {row['rel_err']:.1e}"
                  if row["status"] == "ok" else "")
-        print(f"[{i + 1}/{len(models)}] {name}: {status}{extra} ({row['time_s']:.1f} s)", flush=True)
+        bar.write(f"[{i + 1}/{len(models)}] {name}: {status}{extra} ({row['time_s']:.1f} s)")
+        bar.update(1)
+    bar.close()
     info["total_s"] = time.perf_counter() - t_all
     md = render(rows, info, args.target_macs)
     md += f"\nTotal wall time: {info['total_s'] / 60:.1f} min\n"

@@ -31,6 +31,12 @@ _EXPORTS = {
     "save_pretrained": "hf_prune.hub",
     "push_to_hub": "hf_prune.hub",
     "AutoPrunedModel": "hf_prune.hub",
+    "enable_pipeline": "hf_prune.hub.auto",
+    # deployment and analysis
+    "export_onnx": "hf_prune.export",
+    "ExportError": "hf_prune.export",
+    "sensitivity": "hf_prune.sensitivity",
+    "SensitivityReport": "hf_prune.sensitivity",
     # training
     "PruningCallback": "hf_prune.trainer.callback",
     "DepGraphCallback": "hf_prune.methods.depgraph.callback",

@@ -419,7 +419,7 @@ def test_push_and_load_from_hub(hub_server, tmp_path):
 
     model = pruned("deit")
     info = push_to_hub(model, "test-user/deit-pruned", metrics={"accuracy": 0.75}, standalone=True,
-                       method="depgraph")
+                       method="depgraph", card_data={"dataset": {"name": "Digits", "type": "digits"}})
     assert info.oid == hub_server.head("test-user/deit-pruned")
     files = set(hub_server.list_files("test-user/deit-pruned"))
     assert {"config.json", "model.safetensors", "README.md", "pruned_layers.png", "modeling_hf_prune.py"} <= files

@@ -426,3 +426,16 @@ def test_stagewise_program_end_to_end(tmp_path, hub_server):
     assert sum(p.numel() for p in model.parameters()) < results["stats"]["params_before"]
     with torch.no_grad():
         assert model(torch.randn(2, 3, 32, 32)).logits.shape == (2, 10)
+
+
+def test_width_search_shows_a_progress_bar_unless_disabled(capfd, monkeypatch):
+    sup = Supernet(tiny("resnet"), {"pixel_values": torch.randn(2, 3, 32, 32)}, round_to=1, make_teacher=False)
+    for name in ("HF_PRUNE_DISABLE_PROGRESS", "TQDM_DISABLE"):
+        monkeypatch.delenv(name, raising=False)
+    fitness = lambda c: sup.macs_ratio(c)  # noqa: E731
+    shown = sup.search(fitness, target_macs=0.6, population=4, generations=2, seed=0)
+    err = capfd.readouterr().err
+    assert "hf_prune: SP width search" in err and "best=" in err
+    monkeypatch.setenv("HF_PRUNE_DISABLE_PROGRESS", "1")
+    hidden = sup.search(fitness, target_macs=0.6, population=4, generations=2, seed=0)
+    assert "hf_prune" not in capfd.readouterr().err and hidden.choice == shown.choice

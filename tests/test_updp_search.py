@@ -201,3 +201,18 @@ def test_example_updp_callback(tmp_path):
     acc, merged, result = module.main(["--supernet-steps", "40", "--steps", "40", "--output-dir", str(tmp_path)])
     assert len(merged) == 2 and acc > 0.5
     assert sorted(merged) == sorted(result.best["paths"])
+
+
+def test_search_shows_a_progress_bar_unless_disabled(capfd, monkeypatch):
+    model = tiny_convnext()
+    data = labelled(model, n=16)
+    sn = DepthSupernet(model, example_inputs=data)
+    for name in ("HF_PRUNE_DISABLE_PROGRESS", "TQDM_DISABLE"):
+        monkeypatch.delenv(name, raising=False)
+    shown = search(sn, [data], num_blocks=1, population=3, generations=2, seed=0)
+    err = capfd.readouterr().err
+    assert "hf_prune: UPDP subnet search" in err and "best=" in err
+    monkeypatch.setenv("HF_PRUNE_DISABLE_PROGRESS", "1")
+    hidden = search(sn, [data], num_blocks=1, population=3, generations=2, seed=0)
+    assert "hf_prune" not in capfd.readouterr().err
+    assert [r["choice"] for r in hidden.subnets] == [r["choice"] for r in shown.subnets]

@@ -25,7 +25,7 @@ from torch import nn
 from ..errors import SpecError
 
 __all__ = ["library_of", "transformers_base_class", "describe_base", "build_base", "timm_model_args", "mark_pruned",
-           "base_config_class", "PRUNED_MODEL_TYPE_PREFIX"]
+           "base_config_class", "pruned_config_class", "PRUNED_MODEL_TYPE_PREFIX"]
 
 # A pruned transformers checkpoint says model_type "hf_prune_<base type>" in its config.json: the Auto
 # classes of a plain transformers do not know it and refuse to load it (instead of building the dense
@@ -75,7 +75,12 @@ def mark_pruned(config) -> None:
     transformers writes the class attribute ``model_type``, so the instance's class becomes a cached
     subclass of its own that only changes that attribute; the model computes exactly as before.
     """
-    base = base_config_class(config)
+    config.__class__ = pruned_config_class(config)
+
+
+def pruned_config_class(config_or_class) -> type:
+    """The cached config class that :func:`mark_pruned` gives configs of this (base) config class."""
+    base = base_config_class(config_or_class)
     sub = _PRUNED_CONFIGS.get(base)
     if sub is None:
         sub = type(base.__name__, (base,), {
@@ -83,7 +88,7 @@ def mark_pruned(config) -> None:
             "__module__": base.__module__, "__qualname__": base.__qualname__,
             "__doc__": f"{base.__name__} of a model pruned by hf_prune (saved as a pruned model type)."})
         _PRUNED_CONFIGS[base] = sub
-    config.__class__ = sub
+    return sub
 
 
 def _jsonable(value: Any) -> Any:

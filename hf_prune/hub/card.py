@@ -8,11 +8,13 @@ Numbers come only from the spec (parameter counts, MACs given at save time) and 
 from __future__ import annotations
 
 import re
+import warnings
 from pathlib import Path
 
 from torch import nn
 
-__all__ = ["render_card", "prepare_card", "write_card", "plot_layers", "layer_widths", "TEMPLATE_NAME", "PLOT_NAME"]
+__all__ = ["render_card", "prepare_card", "write_card", "plot_layers", "layer_widths", "hub_metadata", "is_classifier",
+           "TEMPLATE_NAME", "PLOT_NAME"]
 
 TEMPLATE_NAME = "pruned_model.md.j2"
 PLOT_NAME = "pruned_layers.png"
@@ -98,16 +100,61 @@ def _eval_results(metrics, card_data: dict, model_name: str):
         if not isinstance(item, dict) or "type" not in item or "value" not in item:
             raise ValueError(f"metrics entries need 'type' and 'value', got {item!r}")
         ds = {**dataset, **(item.get("dataset") or {})}
-        name = ds.get("name") or ds.get("type") or "evaluation data"
+        name = ds.get("name") or ds.get("type")
         value = item["value"]
         value = float(value) if hasattr(value, "item") else value
-        results.append(EvalResult(
-            task_type=item.get("task", task), dataset_type=ds.get("type") or name, dataset_name=name,
-            dataset_split=ds.get("split"), dataset_config=ds.get("config"), metric_type=item["type"],
-            metric_value=value, metric_name=item.get("name")))
+        if name:  # model-index needs the dataset: a metric without one stays in the card's table only
+            results.append(EvalResult(
+                task_type=item.get("task", task), dataset_type=ds.get("type") or name, dataset_name=name,
+                dataset_split=ds.get("split"), dataset_config=ds.get("config"), metric_type=item["type"],
+                metric_value=value, metric_name=item.get("name")))
         rows.append({"name": item.get("name") or item["type"], "value": value,
-                     "dataset": name + (f" ({ds['split']})" if ds.get("split") else "")})
+                     "dataset": (name + (f" ({ds['split']})" if ds.get("split") else "")) if name else "not given"})
+    _warn_no_dataset(items, rows)
     return results, rows
+
+
+def _warn_no_dataset(items, rows) -> None:
+    missing = [r["name"] for r in rows if r["dataset"] == "not given"]
+    if missing:
+        warnings.warn(f"metrics {missing} name no dataset, so they are shown in the card but left out of its "
+                      "model-index (the Hub needs the dataset there); pass card_data={'dataset': {'name': ..., "
+                      "'type': <Hub dataset id>, 'split': ...}} or a 'dataset' per metric", UserWarning, stacklevel=6)
+
+
+def hub_metadata(spec: dict, card_data: dict, metrics=None, overrides: dict | None = None) -> dict:
+    """The card's Hub fields: ``library_name``, ``pipeline_tag``, ``datasets`` (caller's values win).
+
+    ``library_name`` is the base library (``transformers`` or ``timm``, names the Hub knows; the
+    ``hf_prune`` tag says who pruned it); ``pipeline_tag`` is ``image-classification`` for
+    classifiers; ``datasets`` are the Hub ids (``type``) of the datasets the metrics name, if any.
+    """
+    overrides = overrides or {}
+    fields = {"library_name": overrides.get("library_name") or spec["base"]["library"]}
+    tag = overrides.get("pipeline_tag") or ("image-classification" if is_classifier(spec) else None)
+    if tag:
+        fields["pipeline_tag"] = tag
+    datasets = overrides.get("datasets") or _dataset_ids(card_data, metrics)
+    if datasets:
+        fields["datasets"] = datasets
+    return fields
+
+
+def is_classifier(spec: dict) -> bool:
+    """Whether the pruned model is an image classifier (transformers ``*ForImageClassification``, timm with classes)."""
+    base = spec["base"]
+    if base["library"] == "transformers":
+        return base["architecture"].endswith("ForImageClassification")
+    config = base.get("config") or {}
+    classes = (config.get("model_args") or {}).get("num_classes", (config.get("pretrained_cfg") or {}).get("num_classes"))
+    return bool(classes)
+
+
+def _dataset_ids(card_data: dict, metrics) -> list[str]:
+    items = metrics if isinstance(metrics, (list, tuple)) else []
+    found = [(card_data.get("dataset") or {}).get("type")]
+    found += [(item.get("dataset") or {}).get("type") for item in items if isinstance(item, dict)]
+    return list(dict.fromkeys(d for d in found if d))
 
 
 def _auto_class(spec: dict) -> str:
@@ -135,10 +182,9 @@ def render_card(spec: dict, *, repo_id: str | None = None, metrics=None, speed: 
     tags = ["hf_prune", "pruning"] + ([method] if method else []) + [spec["base"]["library"]]
     tags += [t for t in card_data.pop("tags", []) if t not in tags]
     extra = {k: v for k, v in card_data.items() if k not in ("dataset", "task_type")}
-    data = ModelCardData(
-        library_name=extra.pop("library_name", "transformers" if standalone else "hf_prune"),
-        tags=tags, base_model=base_model, model_name=model_name if results else None,
-        eval_results=results or None, **extra)
+    extra.update(hub_metadata(spec, card_data, metrics, overrides=extra))
+    data = ModelCardData(tags=tags, base_model=base_model, model_name=model_name if results else None,
+                         eval_results=results or None, **extra)
     stats = spec.get("stats", {})
     sp = spec.get("sparsity") or {}
     text = jinja2.Template(template_path().read_text(encoding="utf-8"), keep_trailing_newline=True,
@@ -146,6 +192,7 @@ def render_card(spec: dict, *, repo_id: str | None = None, metrics=None, speed: 
         card_data=data.to_yaml(), model_name=model_name, base_model=base_model, architecture=arch,
         library=spec["base"]["library"], method_name=method, format_version=spec["format_version"],
         repo_id=repo_id or "<path or repo id>", standalone=standalone, auto_class=_auto_class(spec),
+        pipeline_task=data.pipeline_tag if spec["base"]["library"] == "transformers" else None,
         params_before=_human(stats.get("params_before")), params_after=_human(stats.get("params_after")),
         params_ratio=_ratio(stats.get("params_after"), stats.get("params_before")),
         macs_before=_human(stats.get("macs_before")), macs_after=_human(stats.get("macs_after")),

@@ -52,7 +52,7 @@ def save_pretrained(model: nn.Module, save_directory: str | os.PathLike, *, metr
                     method: str | None = None, settings: dict | None = None, stats: dict | None = None,
                     speed: dict | None = None, model_args: dict | None = None, standalone: bool = False,
                     card: bool = True, card_data: dict | None = None, repo_id: str | None = None,
-                    base_model: str | None = None, **save_kwargs) -> Path:
+                    base_model: str | None = None, image_processor=None, **save_kwargs) -> Path:
     """Save a pruned transformers or timm model to ``save_directory`` and return its path.
 
     Writes ``config.json`` (the base config plus the structure spec under ``hf_prune``),
@@ -64,7 +64,9 @@ def save_pretrained(model: nn.Module, save_directory: str | os.PathLike, *, metr
     timm did not record them. ``standalone=True`` (transformers only) also writes
     ``modeling_hf_prune.py`` and ``auto_map`` so that
     ``AutoModelForImageClassification.from_pretrained(dir, trust_remote_code=True)`` works without
-    hf_prune. Other keyword arguments go to the transformers ``save_pretrained``.
+    hf_prune. ``image_processor``: saved with the model for ``pipeline(...)``; by default the
+    processor of the model's source (see :mod:`hf_prune.hub.processor`). Other keyword arguments
+    go to the transformers ``save_pretrained``.
 
     For transformers models the spec is also left on ``model.config.hf_prune``, so a later
     ``model.save_pretrained`` / ``model.push_to_hub`` writes a loadable checkpoint too.
@@ -85,6 +87,9 @@ def save_pretrained(model: nn.Module, save_directory: str | os.PathLike, *, metr
     if standalone and any(type(m).__name__ == "PrunedMultiheadAttention" for m in model.modules()):
         raise SpecError("standalone=True cannot rebuild a pruned nn.MultiheadAttention yet: save without "
                         "standalone and load with hf_prune.AutoPrunedModel")
+    from .processor import image_processor_for, save_processor  # image_processor: see hf_prune.hub.processor
+
+    processor = image_processor_for(model, image_processor, source=spec["base"].get("source"))
     if card:  # render first: bad metrics/speed fail before anything is written
         from .card import prepare_card, write_card
 
@@ -102,6 +107,7 @@ def save_pretrained(model: nn.Module, save_directory: str | os.PathLike, *, metr
         _save_timm(model, save_directory, spec)
     if not standalone and (save_directory / STANDALONE_FILE).is_file():
         (save_directory / STANDALONE_FILE).unlink()  # left by an earlier standalone save: it would not match
+    save_processor(processor, save_directory)
     if card:
         write_card(save_directory, spec, text, rows)
     return save_directory

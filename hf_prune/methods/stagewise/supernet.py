@@ -68,6 +68,7 @@ from torch.nn import functional as F
 from ...errors import PruningError
 from ...core.execution import eval_mode, recalibrate_batchnorm
 from ...core.inputs import call_model, first_tensor, logits_of, model_inputs, split_batch
+from ...core.progress import progress
 from ...engine.masks import MaskedNorm, get_mask
 from .config import DEFAULT_RATIOS, SUPERVISIONS
 
@@ -702,10 +703,13 @@ def evolutionary_search(space: WidthSpace, fitness, feasible, *, population: int
         raise PruningError(f"population={population} and generations={generations} must be >= 2 and >= 1")
     gen = torch.Generator().manual_seed(int(seed))
     cache: dict = {}
+    # one tick per distinct subnet scored; repeats come from the cache, so the bar may end early
+    bar = progress(total=population * generations, desc="SP width search", unit="subnet")
 
     def score(c):
         if c not in cache:
             cache[c] = float(fitness(c))
+            bar.update(1)
         return cache[c]
 
     pop = []
@@ -725,6 +729,7 @@ def evolutionary_search(space: WidthSpace, fitness, feasible, *, population: int
     for g in range(generations):
         ranked = sorted(pop, key=lambda c: (-score(c), c))
         history.append((g, score(ranked[0]), list(ranked[0])))
+        bar.set_postfix(generation=f"{g + 1}/{generations}", best=f"{score(ranked[0]):.4f}")
         if g == generations - 1:
             break
         parents = ranked[:max(2, int(round(parent_fraction * len(ranked))))]
@@ -745,6 +750,7 @@ def evolutionary_search(space: WidthSpace, fitness, feasible, *, population: int
             if child is not None and child not in children:
                 children.append(child)
         pop = children
+    bar.close()
     best = max(cache, key=lambda c: (cache[c], tuple(-x for x in c)))
     return best, cache[best], history
 

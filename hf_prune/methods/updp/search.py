@@ -68,6 +68,7 @@ from torch import nn
 from ...errors import PruningError
 from ...core.inputs import batch_size, call_model, first_tensor, model_device, split_batch, to_device
 from ...core.execution import module_modes, recalibrate_batchnorm, restore_modes
+from ...core.progress import progress as progress_bar
 from .depth import (AnnealedBlock, anneal, calibrate, capture_inputs, macs_of, output_tensor, resolve_blocks, set_module,
                     find_blocks)
 
@@ -571,9 +572,12 @@ def search(model, eval_data, *, num_blocks: int | None = None, target_macs: floa
     rng = random.Random(seed)
     evaluated: dict[Choice, dict] = {}
     rejected = 0
+    # at most population subnets per generation, and the dense net at the end (an early stop ends the bar early)
+    bar = progress_bar(total=population * generations + 1, desc="UPDP subnet search", unit="subnet")
 
     def evaluate(choice, generation):
         r = evaluate_subnet(sn, choice, eval_data, calib_data=calib_data, recalibrate=recalibrate, score_fn=score_fn)
+        bar.update(1)
         r.update(choice=choice, blocks=sn.blocks_of(choice), paths=[sn.refs[i].path for i in choice],
                  num_pruned=len(choice), macs=sn.macs(choice) if budget.table else None,
                  macs_ratio=budget.macs_ratio(choice),
@@ -606,6 +610,7 @@ def search(model, eval_data, *, num_blocks: int | None = None, target_macs: floa
         for c in pending:
             evaluated[c] = evaluate(c, g + 1)
         ranked = sorted(evaluated.values(), key=key)
+        bar.set_postfix(generation=f"{g + 1}/{generations}", best=f"{ranked[0]['proxy']:.4f}")
         if progress is not None:
             best = ranked[0]
             progress(f"generation {g + 1}/{generations}: {len(evaluated)} subnets evaluated, best proxy "
@@ -628,6 +633,8 @@ def search(model, eval_data, *, num_blocks: int | None = None, target_macs: floa
     for i, r in enumerate(ranked):
         r["rank"] = i + 1
     dense = evaluate_subnet(sn, (), eval_data, calib_data=calib_data, recalibrate=recalibrate, score_fn=score_fn)
+    bar.update(bar.total - bar.n)
+    bar.close()
     dense.update(choice=(), macs_ratio=1.0 if budget.table else None,
                  latency_ratio=1.0 if budget.kind == "target_latency" else None)
     return SearchResult(ranked, {budget.kind: budget.value}, dense, [r.path for r in sn.refs],
