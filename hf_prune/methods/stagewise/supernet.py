@@ -69,7 +69,7 @@ from ...api import PRUNE_RECORD
 from ...errors import PruningError
 from ...core.execution import eval_mode, recalibrate_batchnorm
 from ...core.inputs import logits_of
-from ...engine.masks import MaskedNorm, get_mask
+from ...engine.masks import MaskedNorm, get_mask, set_mask
 
 __all__ = ["Stage", "WidthSpace", "Supernet", "SearchResult", "find_stages", "evolutionary_search",
            "kendall_tau", "prune_stagewise", "DEFAULT_RATIOS", "SUPERVISIONS"]
@@ -640,15 +640,20 @@ class Supernet:
         choice = self.space.validate(choice)
         removed = self.space.removed(choice)
         if inplace:
-            saved = self.bn_state()
+            saved = {k: v.clone() for k, v in self.model.state_dict().items()}  # weights and BN statistics
+            removed_before = self.pruner.removed
             try:
                 with self.recalibrated(choice, calib_batches, persist=True):
                     pass
                 self.pruner.apply(removed)
                 model = self.pruner.compact()
-            except BaseException:
-                if get_mask(self.model) is None:  # still full size: put the statistics back
-                    self.load_bn_state(saved)
+            except BaseException:  # compact() left the masked model intact: take the masks off, then the values
+                mask = get_mask(self.model)
+                if mask is not None:
+                    mask.remove_hooks()
+                    set_mask(self.model, None)
+                self.model.load_state_dict(saved)
+                self.pruner.removed = removed_before
                 raise
         else:
             with self.recalibrated(choice, calib_batches):
