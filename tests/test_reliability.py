@@ -120,14 +120,18 @@ def faults(targets, fail_at: int | None = None, exc=KeyboardInterrupt, when=None
         return wrapper
 
     for owner, name in targets:
-        original = owner.__dict__[name] if isinstance(owner, type) else getattr(owner, name)
-        saved.append((owner, name, original))
+        own = name in vars(owner)  # False: a method inherited from a base class
+        original = vars(owner)[name] if own else getattr(owner, name)
+        saved.append((owner, name, original, own))
         setattr(owner, name, wrap(original))
     try:
         yield count
     finally:
-        for owner, name, original in reversed(saved):
-            setattr(owner, name, original)
+        for owner, name, original, own in reversed(saved):
+            if own:
+                setattr(owner, name, original)
+            else:
+                delattr(owner, name)
 
 
 # --------------------------------------------------------------------------- push: an allow-list
@@ -395,3 +399,267 @@ def test_card_refuses_non_finite_metrics(metrics, speed, named, tmp_path):
     with pytest.raises(ValueError, match=f"{named} has value .*only finite numbers"):
         save_pretrained(_pruned("vit"), tmp_path / "out", metrics=metrics, speed=speed)
     assert not (tmp_path / "out").exists()  # nothing written
+
+
+# --------------------------------------------------------------------------- ignored_layers and inputs
+
+
+class _Net(nn.Module):
+    """Conv-BN stem, a residual block, a wider conv, a LayerNorm'd linear head: every coupling kind, tiny."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU())
+        self.block = nn.Sequential(nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+                                   nn.Conv2d(32, 16, 3, padding=1), nn.BatchNorm2d(16))
+        self.layer4 = nn.Sequential(nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.BatchNorm2d(32), nn.ReLU())
+        self.norm = nn.LayerNorm(32)
+        self.head = nn.Linear(32, 5)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = torch.relu(x + self.block(x))
+        x = self.layer4(x).mean((2, 3))
+        return self.head(self.norm(x))
+
+
+def _net(seed=0):
+    torch.manual_seed(seed)
+    model = _Net()
+    with torch.no_grad():  # non-trivial BN statistics
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 1.5)
+    return model.eval()
+
+
+def test_ignored_layers_names_or_modules_and_clear_errors():
+    widths = lambda m: [c.out_channels for c in m.layer4.modules() if isinstance(c, nn.Conv2d)]  # noqa: E731
+    for form in ("names", "modules", "one module"):
+        model = _net()
+        ignored = {"names": ["layer4"], "modules": [model.layer4], "one module": model.layer4}[form]
+        hf_prune.prune(model, example_inputs=X, target_macs=0.7, ignored_layers=ignored, round_to=None)
+        assert widths(model) == [32]  # its output channels stay
+        assert model.block[0].out_channels < 32  # the rest is pruned
+    bad = [("layer4", r"ignored_layers='layer4' is a single string; pass a list.*\['layer4'\]"),
+           (["layer_4"], r"no module named 'layer_4'; did you mean \['layer4'"),
+           (["stem.9"], r"no module named 'stem\.9'; did you mean \['stem\.\d', 'stem\.\d', 'stem\.\d'\]"),
+           ([nn.Conv2d(3, 3, 1)], "not a submodule"),
+           ([3], "must be module names or modules"),
+           ([""], "names the whole model"),
+           (5, "must be a list of module names")]
+    for value, message in bad:
+        model = _net()
+        before = copy.deepcopy(model.state_dict())
+        with pytest.raises(ConfigError, match=message):
+            hf_prune.prune(model, example_inputs=X, target_macs=0.7, ignored_layers=value)
+        assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    print(f"\n[reliability] ignored_layers: {len(bad)} bad values refused")
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.:FutureWarning")
+def test_bad_models_and_inputs_are_clear_errors():
+    meta = _Net().to("meta")
+    cases = [
+        (_net(), X[:0], "example_inputs has an empty tensor of shape \\(0, 3, 32, 32\\) \\(batch size 0\\)"),
+        (_vit(), {"pixel_values": X[:0]}, "example_inputs has an empty tensor"),
+        (_net(), {"nothing": "here"}, "example_inputs holds no tensor"),
+        (_net(), None, "needs example_inputs"),
+        (torch.jit.script(_net()), X, "model is a TorchScript module"),
+        (torch.jit.trace(_net(), X), X, "model is a TorchScript module"),
+        (meta, X, "model has tensors on the meta device \\(e.g. 'stem.0.weight'\\)"),
+        (_net(), X.to("meta"), "example_inputs has a meta tensor"),
+    ]
+    for model, inputs, message in cases:
+        with pytest.raises(PruningError, match=message):
+            hf_prune.prune(model, example_inputs=inputs, target_macs=0.7)
+        with pytest.raises(PruningError, match=message):
+            hf_prune.StructuredPruner(model, inputs)
+    print(f"\n[reliability] inputs: {2 * len(cases)} bad models/inputs refused")
+
+
+# --------------------------------------------------------------------------- transactions under interrupts
+
+
+def _plain(value) -> bool:
+    return isinstance(value, (bool, int, float, str, tuple, list, torch.Size)) or value is None
+
+
+def _fingerprint(model: nn.Module) -> dict:
+    config = getattr(model, "config", None)
+    return {
+        "state": {k: v.detach().clone() for k, v in model.state_dict().items()},
+        "tensors": [(n, id(t)) for n, t in [*model.named_parameters(), *model.named_buffers()]],
+        "modules": [(n, type(m), m.training, {k: v for k, v in vars(m).items() if _plain(v) and k != "_version"},
+                     [type(h) for h in m._forward_hooks.values()], [type(h) for h in m._forward_pre_hooks.values()])
+                    for n, m in model.named_modules()],
+        "mask": model.__dict__.get("hf_prune_mask"), "weight_masks": model.__dict__.get("hf_prune_weight_masks"),
+        "config": (config, config.to_dict()) if hasattr(config, "to_dict") else None,
+    }
+
+
+def _assert_unchanged(model, before: dict, out, x):
+    after = _fingerprint(model)
+    assert after["tensors"] == before["tensors"]  # the very same parameter objects
+    assert after["state"].keys() == before["state"].keys()
+    for k, v in before["state"].items():
+        assert after["state"][k].shape == v.shape and torch.equal(after["state"][k], v), k
+    for a, b in zip(after["modules"], before["modules"], strict=True):
+        assert a == b, a[0]
+    assert after["mask"] is before["mask"] and after["weight_masks"] is before["weight_masks"]
+    if before["config"] is not None:
+        assert after["config"][0] is before["config"][0] and after["config"][1] == before["config"][1]
+    assert torch.equal(_call(model, x), out)
+
+
+def _call(model, x):
+    with torch.no_grad():
+        out = model(**x) if isinstance(x, dict) else model(x)
+    return out.logits if hasattr(out, "logits") else out
+
+
+FORWARDS = [(nn.Linear, "forward"), (nn.Conv2d, "forward"), (nn.BatchNorm2d, "forward"), (nn.LayerNorm, "forward")]
+
+
+def _compaction_steps():
+    from hf_prune.engine import masks, pruner, surgery
+
+    return [(surgery, "sliced_tensors"), (surgery, "_fix_module"), (surgery, "_fix_heads"), (surgery, "sync_config"),
+            (surgery, "flush_eval_caches"), (surgery, "adapt_attention"), (masks.StructuredMask, "enforce"),
+            (masks.StructuredMask, "install_hooks"), (pruner, "compact_units"), (pruner, "_run")]
+
+
+def _interrupt_everywhere(setup, op, targets, x, what: str) -> int:
+    """Run ``op`` with a KeyboardInterrupt at call k of ``targets``, for every k a successful run makes.
+
+    ``setup()`` returns a fresh object for ``op``; after each interrupted run the model must be exactly as
+    before and compute the same outputs. Returns the number of faults injected.
+    """
+    probe = setup()
+    with faults(targets) as count:
+        op(probe)  # a run without faults: how many calls there are to interrupt
+    calls = count[0]
+    assert calls > 0
+    subject = setup()
+    model = subject if isinstance(subject, nn.Module) else subject[0]
+    before, out = _fingerprint(model), _call(model, x)
+    for k in range(1, calls + 1):
+        with faults(targets, fail_at=k) as count:
+            with pytest.raises(KeyboardInterrupt):
+                op(subject)
+        _assert_unchanged(model, before, out, x)
+    print(f"\n[reliability] {what}: {calls} interrupts, model unchanged after each")
+    return calls
+
+
+def _vit_x():
+    return {"pixel_values": X}
+
+
+@pytest.mark.parametrize("kind", ["cnn", "vit"])
+def test_structured_pruning_survives_an_interrupt_anywhere(kind):
+    from hf_prune.engine.pruner import StructuredPruner
+
+    build = _net if kind == "cnn" else (lambda: (torch.manual_seed(0), _vit().eval())[1])
+    x = X if kind == "cnn" else _vit_x()
+    targets = FORWARDS + _compaction_steps()
+    total = 0
+    total += _interrupt_everywhere(build, lambda m: hf_prune.prune(m, example_inputs=x, target_macs=0.6), targets,
+                                   x, f"{kind} one-shot prune")
+    total += _interrupt_everywhere(build, lambda m: StructuredPruner(m, x).step(target_macs=0.6), targets, x,
+                                   f"{kind} StructuredPruner.step (masks)")
+
+    def masked():
+        model = build()
+        pruner = StructuredPruner(model, x)
+        pruner.step(target_macs=0.8)
+        return model, pruner
+
+    total += _interrupt_everywhere(masked, lambda s: s[1].step(target_macs=0.6), targets, x,
+                                   f"{kind} second step on a masked model")
+    total += _interrupt_everywhere(masked, lambda s: s[1].apply(s[1].removed[: len(s[1].removed) // 2]), targets, x,
+                                   f"{kind} StructuredPruner.apply")
+    total += _interrupt_everywhere(masked, lambda s: hf_prune.compact(s[0]), targets, x, f"{kind} compact")
+    print(f"\n[reliability] {kind} structured total: {total} interrupts")
+
+
+def test_compaction_error_reinstalls_the_mask_hooks(monkeypatch):
+    from hf_prune.engine import surgery
+    from hf_prune.errors import CompactionError
+
+    model = _net()
+    hf_prune.prune(model, example_inputs=X, target_macs=0.6, compact=False)
+    before, out = _fingerprint(model), _call(model, X)
+
+    def broken(module, old, undo):
+        raise ValueError("cannot resize")
+
+    monkeypatch.setattr(surgery, "_fix_module", broken)
+    with pytest.raises(CompactionError, match="cannot resize"):
+        hf_prune.compact(model)
+    _assert_unchanged(model, before, out, X)  # LayerNorm hook back: the masked model computes as before
+    monkeypatch.undo()
+    hf_prune.compact(model)
+    assert (_call(model, X) - out).abs().max() <= 1e-5 * out.abs().max()
+
+
+def _tiny_hf_resnet():
+    import transformers as T
+
+    torch.manual_seed(0)
+    return T.ResNetForImageClassification(T.ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 2],
+                                                         layer_type="basic", num_labels=5)).eval()
+
+
+def test_updp_merge_survives_an_interrupt_anywhere():
+    from hf_prune.methods.updp import blocks, depth
+    from hf_prune.methods.updp.depth import UPDPAnnealer, prune_depth
+
+    x = _vit_x()
+    steps = [(depth, "merge_block"), (depth, "calibrate"), (depth, "recalibrate_bn"), (blocks.AnnealedBlock, "merge")]
+    total = _interrupt_everywhere(_tiny_hf_resnet, lambda m: prune_depth(m, example_inputs=x, blocks=[0, 1]),
+                                  FORWARDS + steps, x, "UPDP prune_depth")
+
+    def annealed():
+        model = _tiny_hf_resnet()
+        annealer = UPDPAnnealer(model, blocks=[0, 1, 2], example_inputs=x)
+        annealer.set_lambda(0.5)
+        return model, annealer
+
+    total += _interrupt_everywhere(annealed, lambda s: s[1].merge_all(force=True), steps, x, "UPDP merge_all")
+    print(f"\n[reliability] UPDP total: {total} interrupts")
+
+
+def test_stagewise_extraction_survives_an_interrupt_anywhere():
+    from hf_prune.methods.stagewise.supernet import Supernet
+
+    x = _vit_x()
+
+    def supernet():
+        model = _tiny_hf_resnet()
+        sup = Supernet(model, x, round_to=1, make_teacher=False)
+        return model, sup
+
+    _interrupt_everywhere(supernet, lambda s: s[1].extract(s[1].space.min_choice(), [x], inplace=True),
+                          FORWARDS + _compaction_steps(), x, "SP Supernet.extract(inplace=True)")
+
+
+def test_apply_spec_survives_an_interrupt_anywhere():
+    from hf_prune.hub import spec as spec_module
+    from hf_prune.hub.base import base_model_of
+
+    vit = _pruned("vit")
+    spec = structure_spec(vit)
+    _interrupt_everywhere(lambda: base_model_of(vit, device="cpu").eval(), lambda m: apply_spec(m, spec),
+                          [(spec_module, "_decode"), (spec_module, "adapt_attention"), (torch, "empty")], _vit_x(),
+                          "apply_spec")
+
+
+def test_weight_pruning_survives_an_interrupt_anywhere():
+    from hf_prune.sparse import allocation, masks
+
+    targets = [(allocation, "select_magnitude"), (allocation, "allocate"), (masks.WeightMasks, "enforce"),
+               (masks.WeightMasks, "attach"), (masks.WeightMasks, "set")]
+    _interrupt_everywhere(_net, lambda m: hf_prune.prune(m, method="magnitude", sparsity=0.5), targets, X,
+                          "weight pruning (magnitude)")

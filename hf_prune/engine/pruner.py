@@ -117,7 +117,7 @@ def resolve_layers(model: nn.Module, layers, name: str = "ignored_layers") -> tu
         elif not isinstance(item, str):
             raise ConfigError(f"{name} entries must be module names or modules, got {type(item).__name__} {item!r}")
         elif item not in known:
-            close = difflib.get_close_matches(item, [n for n in known if n], n=3, cutoff=0.6)
+            close = difflib.get_close_matches(item, [n for n, _ in named if n], n=3, cutoff=0.6)
             raise ConfigError(f"{name}: {type(model).__name__} has no module named {item!r}"
                               + (f"; did you mean {close}?" if close else
                                  "; use the names of model.named_modules()"))
