@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .allocation import allocate
-from ..core.checks import check_names
+from ..core.checks import check_choice, check_names, check_round_to, check_sparsity, check_target_macs
 from ..errors import CompactionError, ConfigError, PruningError
 from .graph import DependencyGraph, split_inputs
 from .graph.shape_only import NeedsValues, ShapeOnly, tensors_of
@@ -233,6 +233,8 @@ class StructuredPruner:
         if get_mask(model) is not None:
             raise PruningError("this model already carries masks from an earlier prune(..., compact=False); "
                                "call hf_prune.compact(model) first")
+        check_choice("mode", mode, ("global", "local"))
+        round_to = check_round_to(round_to)
         self.model = model
         self.example_inputs = example_inputs
         self.importance, self.mode, self.round_to = importance, mode, round_to
@@ -262,6 +264,9 @@ class StructuredPruner:
 
     def step(self, *, sparsity=None, target_macs=None, scores=None, compacted=False) -> StructuredMask | None:
         """Mask more units to reach the target; the model keeps its shapes (see :meth:`apply`)."""
+        for value, check in ((target_macs, check_target_macs), (sparsity, check_sparsity)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                check(value)  # a string, a bool, ...: refused here; the allocation checks the ranges
         return self.apply(self.plan(sparsity=sparsity, target_macs=target_macs, scores=scores), compacted=compacted)
 
     def apply(self, removed: torch.Tensor, *, compacted: bool = False) -> StructuredMask | None:
