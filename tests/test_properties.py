@@ -126,7 +126,8 @@ def _state(model):
     return {k: v.clone() for k, v in model.state_dict().items()}
 
 
-@settings(max_examples=24, deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=24, deadline=None, derandomize=True, database=None,
+          suppress_health_check=list(HealthCheck))
 @given(drawn=models(), opts=options())
 def test_prune_is_exact_or_a_clean_error(drawn, opts, tmp_path_factory):
     kind, build, x = drawn
