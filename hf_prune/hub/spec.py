@@ -66,7 +66,8 @@ Rules:
 * ``attrs`` lists public instance attributes that are numbers or (nested) tuples/lists of numbers
   and differ from the base (``out_features``, ``num_heads``, ``attn_dim``, ``normalized_shape``,
   ``(C, 1, 1)`` broadcast shapes, ...). JSON lists are turned back into the container type the base
-  attribute has (tuple, list, ``torch.Size``); a new attribute gets a tuple.
+  attribute has (tuple, list, ``torch.Size``). Only attributes the base module has, and only those
+  on the allow-list below, may appear.
 * ``removed_blocks``: the module at ``path`` is replaced by :class:`PassThrough`, which returns its
   first input unchanged; its descendants are gone (no entry may point inside it).
 * ``merged_blocks``: the module at ``path`` is replaced by the merged block that ``became``
