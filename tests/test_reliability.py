@@ -663,3 +663,21 @@ def test_weight_pruning_survives_an_interrupt_anywhere():
                (masks.WeightMasks, "attach"), (masks.WeightMasks, "set")]
     _interrupt_everywhere(_net, lambda m: hf_prune.prune(m, method="magnitude", sparsity=0.5), targets, X,
                           "weight pruning (magnitude)")
+
+
+def test_save_into_a_folder_whose_parent_is_read_only(tmp_path, monkeypatch):
+    model = _pruned("vit")
+    target = tmp_path / "ckpt"
+    save_pretrained(model, target, card=False)
+    (target / "notes.txt").write_text("mine\n")
+    mkdir = Path.mkdir
+
+    def read_only_parent(self, *args, **kwargs):  # as root, chmod would not stop the write: refuse it here
+        if self.parent == tmp_path and self.name.startswith(".ckpt.hf_prune"):
+            raise PermissionError(f"read-only: {tmp_path}")
+        return mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", read_only_parent)
+    save_pretrained(model, target, card=False)  # staged inside the folder instead
+    assert sorted(p.name for p in target.iterdir()) == ["config.json", "model.safetensors", "notes.txt"]
+    _assert_same_weights(model, AutoPrunedModel.from_pretrained(target))

@@ -179,14 +179,22 @@ def write_atomically(target: Path, write) -> list[str]:
 
 
 def _fresh_folder(target: Path, kind: str) -> Path:
-    """An empty folder beside ``target`` (same file system, so moves are renames), with default permissions."""
+    """An empty folder beside ``target`` (same file system, so moves are renames), with default permissions.
+
+    Where the parent is not writable but ``target`` exists, the folder is made inside ``target``.
+    """
     while True:
-        folder = target.parent / f".{target.name}.hf_prune-{kind}-{uuid.uuid4().hex[:12]}"
+        name = f".{target.name}.hf_prune-{kind}-{uuid.uuid4().hex[:12]}"
         try:
-            folder.mkdir()
-            return folder
+            (target.parent / name).mkdir()
+            return target.parent / name
         except FileExistsError:
             continue
+        except PermissionError:
+            if not target.is_dir():
+                raise
+            (target / name).mkdir()
+            return target / name
 
 
 def _replace_files(staging: Path, target: Path, names: list[str]) -> None:
