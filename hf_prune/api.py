@@ -14,7 +14,8 @@ from torch import nn
 
 from .config import PruningConfig
 from .core.record import attach_spec, write_record
-from .engine.pruner import compact as _compact_masks
+from .engine.pruner import compact as compact_masks
+from .engine.pruner import resolve_layers
 from .errors import ConfigError, PruningError
 from .registry import get_method
 
@@ -24,22 +25,6 @@ __all__ = ["prune", "compact", "PruningError"]
 def _check_model(model) -> None:
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model is a {type(model).__name__}, not a torch.nn.Module")
-
-
-def _layer_names(model: nn.Module, layers) -> tuple:
-    """Module objects in ``layers`` replaced by their names in ``model`` (names pass through)."""
-    if isinstance(layers, (str, nn.Module)):
-        layers = [layers]
-    names = {id(m): n for n, m in model.named_modules()}
-    out = []
-    for item in layers:
-        if isinstance(item, nn.Module):
-            if id(item) not in names:
-                raise ConfigError(f"ignored_layers holds a {type(item).__name__} that is not a submodule of the model")
-            out.append(names[id(item)])
-        else:
-            out.append(item)
-    return tuple(out)
 
 
 def _check_options(entry, oneshot, runtime: dict) -> None:
@@ -82,10 +67,10 @@ def prune(model: nn.Module, config: PruningConfig | str | dict | None = None, /,
     entry = get_method(method or "depgraph")
     fields = {k: v for k, v in options.items() if k in entry.config_cls.field_names()}
     runtime = {k: v for k, v in options.items() if k not in fields}
-    if "ignored_layers" in runtime and "exclude" in entry.config_cls.field_names():
-        fields["exclude"] = tuple(fields.get("exclude", ())) + _layer_names(model, runtime.pop("ignored_layers"))
+    if "ignored_layers" in runtime and "exclude" in entry.config_cls.field_names():  # the weight methods' name
+        fields["exclude"] = tuple(fields.get("exclude", ())) + resolve_layers(model, runtime.pop("ignored_layers"))
     if "ignored_layers" in fields:
-        fields["ignored_layers"] = _layer_names(model, fields["ignored_layers"])
+        fields["ignored_layers"] = resolve_layers(model, fields["ignored_layers"])
     cfg = entry.config_cls.build(config, **fields)
     oneshot = entry.oneshot_fn
     _check_options(entry, oneshot, runtime)
@@ -96,6 +81,6 @@ def prune(model: nn.Module, config: PruningConfig | str | dict | None = None, /,
 
 def compact(model: nn.Module) -> nn.Module:
     """Physically remove what masks removed (``prune(..., compact=False)``); the outputs stay the same."""
-    _compact_masks(model)
+    compact_masks(model)
     attach_spec(model)
     return model

@@ -9,6 +9,7 @@ Importing this module is cheap: torch, timm and transformers are imported when a
 """
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 from typing import Any

@@ -77,8 +77,12 @@ class StructuredMask:
         for name, _, _ in self.removed_slices():
             if name not in self.saved:
                 self.saved[name] = tensors[name].detach().clone()
-        self.enforce(model)
-        self.install_hooks(model)
+        try:  # everything is saved before the first zero is written, so this can be undone
+            self.enforce(model)
+            self.install_hooks(model)
+        except BaseException:
+            self.restore(model)
+            raise
 
     def install_hooks(self, model: nn.Module) -> None:
         for rec in self.graph.trace.norms:

@@ -7,15 +7,18 @@ one-shot :func:`hf_prune.prune` and the training callbacks are both built on it.
 """
 from __future__ import annotations
 
+import difflib
 import warnings
+from collections.abc import Mapping
 
 import torch
 from torch import nn
 
 from .allocation import allocate
-from ..errors import CompactionError, PruningError
+from ..core.checks import check_choice, check_names, check_round_to, check_sparsity, check_target_macs
+from ..errors import CompactionError, ConfigError, PruningError
 from .graph import DependencyGraph
-from .graph.shape_only import NeedsValues, ShapeOnly
+from .graph.shape_only import NeedsValues, ShapeOnly, tensors_of
 from .importance import normalized_scores, unit_scores
 from .masks import StructuredMask, get_mask, set_mask
 from .surgery import compact_units
@@ -62,11 +65,78 @@ class _BrokenForward(Exception):
     """The pruned model did not run (the model has been restored); ``args[0]`` names the module."""
 
 
-def build_graph(model: nn.Module, example_inputs, **options) -> DependencyGraph:
-    """Trace ``model``; a failure names the module where the forward pass broke."""
+def check_model_and_inputs(model, example_inputs) -> None:
+    """Where the engine receives a model and its inputs: refuse what would fail obscurely or prune nothing.
+
+    Raises :class:`PruningError` naming the argument for a model that is not an ``nn.Module``, a
+    TorchScript module, a model with tensors on the ``meta`` device, missing example inputs, inputs
+    without a tensor, and empty inputs (batch size 0).
+    """
+    if not isinstance(model, nn.Module):
+        raise PruningError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(model, torch.jit.ScriptModule):
+        raise PruningError(f"model is a TorchScript module ({type(model).__name__}): its forward cannot be traced "
+                           "op by op. Prune the eager nn.Module, then script or trace the pruned model")
+    meta = next((n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta), None)
+    if meta is not None:
+        raise PruningError(f"model has tensors on the meta device (e.g. '{meta}'): they hold no values to score "
+                           "or run. Materialise the weights first (model.to_empty(device='cpu') and "
+                           "load_state_dict, or from_pretrained without device_map='meta')")
     if example_inputs is None:
         raise PruningError("structured pruning needs example_inputs (a tensor, tuple or dict such as "
                            "{'pixel_values': x}) to trace the model")
+    tensors = tensors_of(dict(example_inputs) if isinstance(example_inputs, Mapping) else example_inputs)
+    if not tensors:
+        raise PruningError(f"example_inputs holds no tensor (got {type(example_inputs).__name__}); pass a batch "
+                           "such as torch.randn(1, 3, 224, 224) or {'pixel_values': x}")
+    for t in tensors:
+        if t.is_meta or t.numel() == 0:
+            raise PruningError(f"example_inputs has {'a meta' if t.is_meta else 'an empty'} tensor of shape "
+                               f"{tuple(t.shape)}{' (batch size 0)' if t.numel() == 0 else ''}: the trace would "
+                               "see no data. Pass at least one real example")
+
+
+def resolve_layers(model: nn.Module, layers, name: str = "ignored_layers") -> tuple:
+    """Module names for ``layers`` (names or modules of ``model``, or one module).
+
+    A bare string, an unknown name (with the closest names in the message), a module that is not
+    part of ``model`` and the model itself raise :class:`~hf_prune.errors.ConfigError`.
+    """
+    if isinstance(layers, nn.Module):
+        layers = [layers]
+    items = check_names(name, layers)
+    named = list(model.named_modules())
+    by_id = {id(m): n for n, m in reversed(named)}  # a module under several names: the first one
+    known = {n for n, _ in named}
+    out = []
+    for item in items:
+        if isinstance(item, nn.Module):
+            if id(item) not in by_id:
+                raise ConfigError(f"{name}: the {type(item).__name__} given is not a submodule of this "
+                                  f"{type(model).__name__}; pass modules of the model being pruned, or their names")
+            item = by_id[id(item)]
+        elif not isinstance(item, str):
+            raise ConfigError(f"{name} entries must be module names or modules, got {type(item).__name__} {item!r}")
+        elif item not in known:
+            close = difflib.get_close_matches(item, [n for n, _ in named if n], n=3, cutoff=0.6)
+            raise ConfigError(f"{name}: {type(model).__name__} has no module named {item!r}"
+                              + (f"; did you mean {close}?" if close else
+                                 "; use the names of model.named_modules()"))
+        if item == "":
+            raise ConfigError(f"{name} names the whole model, which would keep every channel; name its layers")
+        out.append(item)
+    return tuple(out)
+
+
+def build_graph(model: nn.Module, example_inputs, **options) -> DependencyGraph:
+    """Trace ``model``; a failure names the module where the forward pass broke.
+
+    The model and inputs are checked first (:func:`check_model_and_inputs`), and ``ignored_layers``
+    resolved to module names (:func:`resolve_layers`).
+    """
+    check_model_and_inputs(model, example_inputs)
+    if "ignored_layers" in options:
+        options["ignored_layers"] = resolve_layers(model, options["ignored_layers"])
     stack: list[str] = []
     names = {id(m): n for n, m in model.named_modules()}
 
@@ -164,6 +234,8 @@ class StructuredPruner:
         if get_mask(model) is not None:
             raise PruningError("this model already carries masks from an earlier prune(..., compact=False); "
                                "call hf_prune.compact(model) first")
+        check_choice("mode", mode, ("global", "local"))
+        round_to = check_round_to(round_to)
         self.model = model
         self.example_inputs = example_inputs
         self.importance, self.mode, self.round_to = importance, mode, round_to
@@ -193,6 +265,9 @@ class StructuredPruner:
 
     def step(self, *, sparsity=None, target_macs=None, scores=None, compacted=False) -> StructuredMask | None:
         """Mask more units to reach the target; the model keeps its shapes (see :meth:`apply`)."""
+        for value, check in ((target_macs, check_target_macs), (sparsity, check_sparsity)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                check(value)  # a string, a bool, ...: refused here; the allocation checks the ranges
         return self.apply(self.plan(sparsity=sparsity, target_macs=target_macs, scores=scores), compacted=compacted)
 
     def apply(self, removed: torch.Tensor, *, compacted: bool = False) -> StructuredMask | None:
@@ -219,15 +294,18 @@ class StructuredPruner:
             return None
         if old is not None:
             old.remove_hooks()
-        mask = StructuredMask(self.model, self.graph, keep)
         try:
-            mask.remove_hooks()
-            # Only hand out masks that compact: try it and put the model back. The masked model has the
-            # dense shapes and exact norm hooks, so the compacted forward is the one that can break.
-            self._compact_checked(keep).restore()
-            mask.install_hooks(self.model)
-        except BaseException:
-            mask.restore(self.model)
+            mask = StructuredMask(self.model, self.graph, keep)  # undoes itself if interrupted
+            try:
+                mask.remove_hooks()
+                # Only hand out masks that compact: try it and put the model back. The masked model has the
+                # dense shapes and exact norm hooks, so the compacted forward is the one that can break.
+                self._compact_checked(keep).restore()
+                mask.install_hooks(self.model)
+            except BaseException:
+                mask.restore(self.model)
+                raise
+        except BaseException:  # an interrupt too: the earlier mask (if any) is back, exactly as it was
             if old is not None:
                 old.install_hooks(self.model)
             raise
@@ -260,18 +338,28 @@ class StructuredPruner:
 
 
 def compact(model: nn.Module) -> nn.Module:
-    """Physically remove what masks removed; the outputs stay the same."""
+    """Physically remove what masks removed; the outputs stay the same.
+
+    Transactional: on any failure (an interrupt included) the masked model is left exactly as it
+    was, its norm hooks reinstalled, and the error raised (a broken forward as :class:`PruningError`).
+    """
     mask = get_mask(model)
     if mask is None:
         raise PruningError("this model has no masks to compact; prune it with compact=False first")
     mask.remove_hooks()
-    undo = compact_units(model, mask.graph, mask.keep)
     try:
-        _run(model, mask.graph.example_inputs)
+        undo = compact_units(model, mask.graph, mask.keep)
+        try:
+            _run(model, mask.graph.example_inputs)
+        except BaseException:
+            undo.restore()
+            raise
     except _BrokenForward as exc:
-        undo.restore()
         mask.install_hooks(model)
         raise PruningError(f"compaction broke the forward pass in '{exc.args[0]}': {exc.__cause__!r}; "
                            "the masked model is unchanged") from exc.__cause__
+    except BaseException:
+        mask.install_hooks(model)
+        raise
     set_mask(model, None)
     return model

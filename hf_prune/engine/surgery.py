@@ -102,7 +102,7 @@ def compact_units(model: nn.Module, graph, keep: torch.Tensor) -> Undo:
             undo.set_attr(model, "config", copy.deepcopy(model.config))
         sync_config(model, undo)
         flush_eval_caches(model)  # caches made from the dense parameters
-    except Exception:
+    except BaseException:  # an interrupt too: a half-compacted model computes something else
         undo.restore()
         raise
     return undo

@@ -7,6 +7,7 @@ Numbers come only from the spec (parameter counts, MACs given at save time) and 
 """
 from __future__ import annotations
 
+import math
 import re
 import warnings
 from pathlib import Path
@@ -86,6 +87,16 @@ def plot_layers(rows: list[dict], path: Path, title: str = "") -> Path:
     return path
 
 
+def _finite(value, what: str) -> float | int:
+    """A metric value for ``model-index``: a finite real number (NaN and infinities are refused)."""
+    if hasattr(value, "item") and getattr(value, "ndim", 0) == 0:  # a 0-d tensor or numpy scalar
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{what} has value {value!r}; the model card publishes only finite numbers. "
+                         "Fix the evaluation that produced it, or leave the metric out")
+    return value
+
+
 def _eval_results(metrics, card_data: dict, model_name: str):
     """``metrics`` -> (EvalResult list for model-index, rows for the card's table)."""
     from huggingface_hub import EvalResult
@@ -101,8 +112,7 @@ def _eval_results(metrics, card_data: dict, model_name: str):
             raise ValueError(f"metrics entries need 'type' and 'value', got {item!r}")
         ds = {**dataset, **(item.get("dataset") or {})}
         name = ds.get("name") or ds.get("type")
-        value = item["value"]
-        value = float(value) if hasattr(value, "item") else value
+        value = _finite(item["value"], f"metric {item.get('name') or item['type']!r}")
         if name:  # model-index needs the dataset: a metric without one stays in the card's table only
             results.append(EvalResult(
                 task_type=item.get("task", task), dataset_type=ds.get("type") or name, dataset_name=name,
@@ -174,6 +184,8 @@ def render_card(spec: dict, *, repo_id: str | None = None, metrics=None, speed: 
     if speed is not None and (not isinstance(speed, dict) or "speedup" not in speed):
         raise ValueError("speed must be a dict with a measured 'speedup' (and 'device', 'batch'), got "
                          f"{speed!r}")
+    if speed is not None:
+        speed = dict(speed, speedup=_finite(speed["speedup"], "speed['speedup']"))
     card_data = dict(card_data or {})
     arch = spec["base"]["architecture"]
     method = spec["method"].get("name")

@@ -14,17 +14,21 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
+import uuid
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from ..core.record import read_record
-from .base import (PRUNED_MODEL_TYPE_PREFIX, transformers_class, base_config_class, build_base, library_of,
-                   mark_pruned, transformers_base_class)
+from .base import (PRUNED_MODEL_TYPE_PREFIX, base_config_class, library_of, mark_pruned, transformers_base_class,
+                   transformers_class)
 from .spec import SpecError, apply_spec, structure_spec, validate_spec
 
-__all__ = ["save_pretrained", "AutoPrunedModel", "pruned_model_class", "read_config", "STANDALONE_FILE"]
+__all__ = ["save_pretrained", "save_checkpoint", "write_atomically", "AutoPrunedModel", "pruned_model_class",
+           "read_config", "STANDALONE_FILE", "PROCESSOR_FILES"]
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -46,6 +50,12 @@ _AUTO_CLASSES = (
 
 # --------------------------------------------------------------------------- saving
 
+# Weight files of any format that a save of this library may leave behind or find from another writer:
+# removed (together with the previous checkpoint's files) once a new save is in place.
+_WEIGHT_FILE = re.compile(r"^(pytorch_model|model|tf_model|flax_model)(-\d+-of-\d+)?\.(bin|safetensors|h5|msgpack)"
+                          r"(\.index\.json)?$")
+# Files an image processor writes (``processor.save_pretrained``); uploaded with the model when present.
+PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json", "video_preprocessor_config.json")
 
 
 def save_pretrained(model: nn.Module, save_directory: str | os.PathLike, *, metrics: dict | None = None,
@@ -68,10 +78,28 @@ def save_pretrained(model: nn.Module, save_directory: str | os.PathLike, *, metr
     processor of the model's source (see :mod:`hf_prune.hub.processor`). Other keyword arguments
     go to the transformers ``save_pretrained``.
 
+    The save is atomic: everything is written into a temporary folder beside ``save_directory``
+    and then moved into place; if anything fails (an interrupt included) the previous checkpoint
+    in ``save_directory`` is left byte for byte as it was. Weight files of other formats or
+    shardings left by an earlier save (``pytorch_model.bin``, ``model.safetensors.index.json`` and
+    its shards, ...) are removed once the new checkpoint is in place; other files are kept.
+
     For transformers models the spec is also left on ``model.config.hf_prune``, so a later
     ``model.save_pretrained`` / ``model.push_to_hub`` writes a loadable checkpoint too.
     """
     save_directory = Path(save_directory)
+    save_checkpoint(model, save_directory, metrics=metrics, method=method, settings=settings, stats=stats,
+                    speed=speed, model_args=model_args, standalone=standalone, card=card, card_data=card_data,
+                    repo_id=repo_id, base_model=base_model, image_processor=image_processor, **save_kwargs)
+    return save_directory
+
+
+def save_checkpoint(model: nn.Module, save_directory: str | os.PathLike, *, metrics: dict | None = None,
+                    method: str | None = None, settings: dict | None = None, stats: dict | None = None,
+                    speed: dict | None = None, model_args: dict | None = None, standalone: bool = False,
+                    card: bool = True, card_data: dict | None = None, repo_id: str | None = None,
+                    base_model: str | None = None, image_processor=None, **save_kwargs) -> list[str]:
+    """:func:`save_pretrained`, returning the names of the files this save wrote (what a push uploads)."""
     record = read_record(model) or {}  # what the pruning run measured, if it pruned this model
     method = method or record.get("method")
     settings = settings if settings is not None else record.get("settings")
@@ -96,21 +124,109 @@ def save_pretrained(model: nn.Module, save_directory: str | os.PathLike, *, metr
         text, rows = prepare_card(spec, model=model, metrics=metrics, speed=speed, repo_id=repo_id,
                                   standalone=standalone, card_data=card_data,
                                   base_model=base_model or spec["base"].get("source"))
-    save_directory.mkdir(parents=True, exist_ok=True)
-    if library == "transformers":
-        model.config.hf_prune = spec
-        mark_pruned(model.config)
-        model.save_pretrained(save_directory, **save_kwargs)
-        if standalone:
-            _write_standalone(model, save_directory)
-    else:
-        _save_timm(model, save_directory, spec)
-    if not standalone and (save_directory / STANDALONE_FILE).is_file():
-        (save_directory / STANDALONE_FILE).unlink()  # left by an earlier standalone save: it would not match
-    save_processor(processor, save_directory)
-    if card:
-        write_card(save_directory, spec, text, rows)
-    return save_directory
+
+    def write(folder: Path) -> None:
+        if library == "transformers":
+            model.config.hf_prune = spec
+            mark_pruned(model.config)
+            model.save_pretrained(folder, **save_kwargs)
+            if standalone:
+                _write_standalone(model, folder)
+        else:
+            _save_timm(model, folder, spec)
+        save_processor(processor, folder)
+        if card:
+            write_card(folder, spec, text, rows)
+
+    return write_atomically(Path(save_directory), write)
+
+
+def _stale(name: str, written: set) -> bool:
+    """A file of an earlier save that would contradict the new one (other weight formats, old remote code)."""
+    return name not in written and (bool(_WEIGHT_FILE.match(name)) or name == STANDALONE_FILE)
+
+
+def _move(src: Path, dst: Path) -> None:
+    os.replace(src, dst)  # atomic on one file system; the staging folder sits beside the target for that
+
+
+def write_atomically(target: Path, write) -> list[str]:
+    """Call ``write(folder)`` on a fresh folder beside ``target``, then move its files into ``target``.
+
+    Returns the names written. On any failure (``BaseException`` included) ``target`` is left
+    exactly as it was. Stale files (:func:`_stale`) go with the old versions of the files replaced,
+    and are deleted only once every new file is in place.
+    """
+    target = Path(os.path.abspath(target))
+    if target.exists() and not target.is_dir():
+        raise NotADirectoryError(f"cannot save into {target}: it exists and is not a directory")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = _fresh_folder(target, "new")
+    try:
+        write(staging)
+        names = sorted(p.name for p in staging.iterdir())
+        folders = [n for n in names if not (staging / n).is_file() or (staging / n).is_symlink()]
+        if folders:
+            raise RuntimeError(f"saving wrote {folders} into {staging}, which are not plain files; nothing was "
+                               f"moved into {target}")
+        if not target.exists():
+            _move(staging, target)  # one rename: the whole checkpoint appears at once
+        else:
+            _replace_files(staging, target, names)
+        return names
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _fresh_folder(target: Path, kind: str) -> Path:
+    """An empty folder beside ``target`` (same file system, so moves are renames), with default permissions.
+
+    Where the parent is not writable but ``target`` exists, the folder is made inside ``target``.
+    """
+    while True:
+        name = f".{target.name}.hf_prune-{kind}-{uuid.uuid4().hex[:12]}"
+        try:
+            (target.parent / name).mkdir()
+            return target.parent / name
+        except FileExistsError:
+            continue
+        except PermissionError:
+            if not target.is_dir():
+                raise
+            (target / name).mkdir()
+            return target / name
+
+
+def _replace_files(staging: Path, target: Path, names: list[str]) -> None:
+    """Move ``names`` from ``staging`` into the existing ``target``, all or nothing."""
+    written = set(names)
+    old = [n for n in sorted(os.listdir(target)) if n in written or _stale(n, written)]
+    backup = _fresh_folder(target, "old")
+    moved_out, moved_in = [], []
+    # config.json last: until it is in place the folder does not load at all, never half new.
+    order = sorted(names, key=lambda n: n == CONFIG_NAME)
+    try:
+        for n in old:
+            _move(target / n, backup / n)
+            moved_out.append(n)
+        for n in order:
+            _move(staging / n, target / n)
+            moved_in.append(n)
+    except BaseException as exc:
+        failed = []
+        for src, dst in [(target / n, staging / n) for n in reversed(moved_in)] + \
+                        [(backup / n, target / n) for n in reversed(moved_out)]:
+            try:
+                os.replace(src, dst)
+            except OSError as undo_exc:
+                failed.append(f"{src} -> {dst}: {undo_exc}")
+        if failed:
+            exc.add_note(f"restoring the previous checkpoint in {target} failed ({'; '.join(failed)}); its files "
+                         f"are in {backup}")
+            raise
+        shutil.rmtree(backup, ignore_errors=True)
+        raise
+    shutil.rmtree(backup, ignore_errors=True)
 
 
 def _save_timm(model: nn.Module, path: Path, spec: dict) -> None:
@@ -241,6 +357,47 @@ def _resolve(path_or_repo_id: str | os.PathLike, filename: str, kwargs: dict) ->
     return hf_hub_download(str(path_or_repo_id), filename, subfolder=subfolder or None, **hub)
 
 
+SAFETENSORS_INDEX_NAME = "model.safetensors.index.json"
+PICKLED_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+def _has_file(path_or_repo_id, filename: str, kwargs: dict) -> bool:
+    """Whether the local folder or Hub repo has ``filename`` (downloading it into the cache if it does)."""
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+
+    try:
+        _resolve(path_or_repo_id, filename, kwargs)
+        return True
+    except (FileNotFoundError, EntryNotFoundError, LocalEntryNotFoundError):
+        return False
+
+
+def _exists_without_download(path_or_repo_id, filename: str, kwargs: dict) -> bool:
+    subfolder = kwargs.get("subfolder") or ""
+    if Path(path_or_repo_id).is_dir():
+        return (Path(path_or_repo_id) / subfolder / filename).is_file()
+    from huggingface_hub import file_exists
+
+    try:
+        return file_exists(str(path_or_repo_id), f"{subfolder}/{filename}" if subfolder else filename,
+                           revision=kwargs.get("revision"), token=kwargs.get("token"))
+    except Exception:  # offline or unreachable: the message below then names no pickle file
+        return False
+
+
+def _require_safetensors(path_or_repo_id, library: str, kwargs: dict) -> None:
+    """Refuse a checkpoint without safetensors weights before anything is built (never ``torch.load``)."""
+    names = (WEIGHTS_NAME, SAFETENSORS_INDEX_NAME) if library == "transformers" else (WEIGHTS_NAME,)
+    if any(_has_file(path_or_repo_id, n, kwargs) for n in names):
+        return
+    pickled = [n for n in PICKLED_WEIGHTS if _exists_without_download(path_or_repo_id, n, kwargs)]
+    found = f"only pickled weights ({', '.join(pickled)})" if pickled else "no weights file"
+    raise SpecError(f"{path_or_repo_id} has {found} and no {' or '.join(names)}. hf_prune loads safetensors "
+                    "only: a pickle can run code when it is loaded. Fix: load the checkpoint once where you trust "
+                    "it and re-save it with safetensors (hf_prune.save_pretrained(model, dir), or "
+                    "model.save_pretrained(dir) with transformers' default safe_serialization=True).")
+
+
 def read_config(path_or_repo_id: str | os.PathLike, **kwargs) -> dict:
     """``config.json`` of a local directory or Hub repo, as a dict."""
     with open(_resolve(path_or_repo_id, CONFIG_NAME, kwargs), encoding="utf-8") as f:
@@ -279,8 +436,14 @@ class AutoPrunedModel:
                             "AutoModelForImageClassification.from_pretrained or timm.create_model('hf-hub:...'))")
         validate_spec(spec)
         library = spec["base"]["library"]
+        if kwargs.get("use_safetensors", True) is not True:
+            raise SpecError(f"AutoPrunedModel loads safetensors weights only (use_safetensors="
+                            f"{kwargs['use_safetensors']!r} was given): pickled weights can run code when loaded")
+        _require_safetensors(pretrained_model_name_or_path, library, kwargs)
         if library == "transformers":
+            kwargs["use_safetensors"] = True  # transformers must never fall back to pytorch_model.bin
             return _load_transformers(pretrained_model_name_or_path, spec, config, kwargs)
+        kwargs.pop("use_safetensors", None)
         return _load_timm(pretrained_model_name_or_path, spec, config, kwargs)
 
 
@@ -325,6 +488,75 @@ def own_memory(model: nn.Module) -> nn.Module:
     return model
 
 
+# create_model keywords that are not architecture arguments: they load files or replace the
+# pretrained config. A checkpoint's model_args never reach timm with them.
+_TIMM_LOADER_KWARGS = frozenset({"pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "checkpoint_path",
+                                 "cache_dir", "scriptable", "exportable", "no_jit", "features_only", "feature_cfg",
+                                 "pretrained_strict", "pretrained_model_args", "model_name", "device", "dtype"})
+# pretrained_cfg keys that describe data (what base.describe_base records); file and URL keys are dropped.
+_TIMM_OVERLAY_KEYS = ("tag", "hf_hub_id", "num_classes", "input_size", "fixed_input_size", "interpolation",
+                      "crop_pct", "crop_mode", "mean", "std", "pool_size", "first_conv", "classifier", "license")
+
+
+def _plain_data(value) -> bool:
+    """Numbers, booleans, None, short words and (nested) lists/dicts of those: no paths, no URLs."""
+    if value is None or isinstance(value, (bool, int, float)):
+        return True
+    if isinstance(value, str):
+        return "/" not in value and "\\" not in value and ":" not in value and len(value) <= 200
+    if isinstance(value, (list, tuple)):
+        return all(_plain_data(v) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _plain_data(v) for k, v in value.items())
+    return False
+
+
+def _timm_constructor_args(architecture: str) -> set:
+    """Keyword arguments the model class of a timm architecture takes (its own and its bases' ``__init__``)."""
+    import inspect
+
+    import timm
+
+    with torch.device("meta"):
+        cls = type(timm.create_model(architecture, pretrained=False))
+    names = set()
+    for c in cls.__mro__:
+        if isinstance(c, type) and issubclass(c, nn.Module) and c is not nn.Module:
+            names.update(p.name for p in inspect.signature(c.__init__).parameters.values()
+                         if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name != "self")
+    return names - _TIMM_LOADER_KWARGS
+
+
+def safe_timm_args(architecture: str, model_args: dict, *, what: str = "model_args") -> dict:
+    """``model_args`` read from a checkpoint, checked before they reach ``timm.create_model``.
+
+    Only arguments of the architecture's model class pass, with plain-data values; loader keywords
+    (``checkpoint_path``, ``pretrained_cfg_overlay``, ...) and strings that look like paths or URLs
+    raise :class:`SpecError`. Lists become tuples (as timm records them).
+    """
+    if not isinstance(model_args, dict):
+        raise SpecError(f"{what} must be an object, got {type(model_args).__name__}")
+    allowed = _timm_constructor_args(architecture) if model_args else set()
+    for key, value in model_args.items():
+        if key not in allowed:
+            why = "a loader option, not an architecture argument" if key in _TIMM_LOADER_KWARGS else \
+                "not an argument of this architecture's model class"
+            raise SpecError(f"{what} of timm '{architecture}' has {key!r} ({why}); hf_prune refuses it, since "
+                            "loading must not open other files. Remove it from config.json")
+        if not _plain_data(value):
+            raise SpecError(f"{what}[{key!r}] = {value!r} of timm '{architecture}' is not plain data (numbers, "
+                            "words, lists); paths and URLs are refused. Remove it from config.json")
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in model_args.items()}
+
+
+def _timm_overlay(config: dict, spec: dict) -> dict:
+    overlay = spec["base"]["config"].get("pretrained_cfg") or config.get("pretrained_cfg") or {}
+    if not isinstance(overlay, dict):
+        raise SpecError("pretrained_cfg in config.json must be an object")
+    kept = {k: v for k, v in overlay.items() if k in _TIMM_OVERLAY_KEYS and _plain_data(v)}
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in kept.items()}
+
+
 def _load_timm(path, spec: dict, config: dict, kwargs: dict) -> nn.Module:
     import timm
     from safetensors.torch import load_model
@@ -332,18 +564,18 @@ def _load_timm(path, spec: dict, config: dict, kwargs: dict) -> nn.Module:
     if config.get("architecture") not in (None, spec["base"]["architecture"]):
         raise SpecError(f"config.json says architecture {config.get('architecture')!r} but its hf_prune spec was made "
                         f"for {spec['base']['architecture']!r}")
+    base = spec["base"]
+    arch = base["architecture"]
+    if not timm.is_model(arch.split(".")[0]):
+        raise SpecError(f"timm {timm.__version__} has no architecture {arch!r} (a plain model name is required; "
+                        "'hf-hub:' and 'local-dir:' sources are refused); a newer timm may be needed")
+    args = safe_timm_args(arch, base["config"].get("model_args", {}))
     weights = _resolve(path, WEIGHTS_NAME, kwargs)
     device, dtype = kwargs.get("device"), kwargs.get("dtype")
-    base = spec["base"]
-    overlay = base["config"].get("pretrained_cfg") or config.get("pretrained_cfg") or {}
-    args = {k: tuple(v) if isinstance(v, list) else v for k, v in base["config"].get("model_args", {}).items()}
     try:
-        model = timm.create_model(base["architecture"], pretrained=False,
-                                  pretrained_cfg_overlay={k: tuple(v) if isinstance(v, list) else v
-                                                          for k, v in overlay.items() if k != "architecture"},
-                                  **args)
-    except TypeError:
-        model = build_base(base, device="cpu")
+        model = timm.create_model(arch, pretrained=False, pretrained_cfg_overlay=_timm_overlay(config, spec), **args)
+    except TypeError:  # a timm whose factory takes no overlay for this model: the data config is informative
+        model = timm.create_model(arch, pretrained=False, **args)
     apply_spec(model, spec)
     try:
         load_model(model, weights, strict=True)

@@ -66,14 +66,29 @@ Rules:
 * ``attrs`` lists public instance attributes that are numbers or (nested) tuples/lists of numbers
   and differ from the base (``out_features``, ``num_heads``, ``attn_dim``, ``normalized_shape``,
   ``(C, 1, 1)`` broadcast shapes, ...). JSON lists are turned back into the container type the base
-  attribute has (tuple, list, ``torch.Size``); a new attribute gets a tuple.
+  attribute has (tuple, list, ``torch.Size``). Only attributes the base module has, and only those
+  on the allow-list below, may appear.
 * ``removed_blocks``: the module at ``path`` is replaced by :class:`PassThrough`, which returns its
   first input unchanged; its descendants are gone (no entry may point inside it).
 * ``merged_blocks``: the module at ``path`` is replaced by the merged block that ``became``
   describes (layer types and shapes, no weights; see ``hf_prune.methods.updp.merge.MergedBlock``);
   its descendants are gone.
-* A reader raises :class:`SpecError` on a ``format_version`` it does not know, on malformed fields
-  and on non-empty fields it cannot apply, before building anything.
+* A reader raises :class:`SpecError` on a ``format_version`` it does not know, on malformed fields,
+  on unknown keys (top level and inside every entry) and on non-empty fields it cannot apply,
+  before building anything.
+* Only what compaction writes may be set (:func:`check_attr`): per module type, ``in/out_features``
+  (Linear), ``in/out_channels`` and ``groups`` (convolutions), ``num_features`` (BatchNorm),
+  ``num_groups``/``num_channels`` (GroupNorm), ``embedding_dim`` (Embedding); on other modules
+  head counts, head widths, head sizes, ``scaling``/``scale`` (which must stay ``head_dim ** -0.5``
+  where the base follows that rule), ``normalized_shape`` and per-channel shape tuples such as
+  ``(C, 1, 1)``. Integers are integers, never above the bound below, ``groups`` at least 1.
+* Sizes are bounded before anything is allocated: a tensor keeps its number of dimensions and no
+  dimension grows past its size in the base. For transformers bases the bound is the larger of
+  that and the widest dimension (element count: the largest tensor) of the base model, because
+  compaction makes a transformers config follow uniform pruned widths, so a base built from it can
+  be narrower than the pruned model where a width is derived (``head_dim = hidden / heads``,
+  Segformer's last stage). A merged block may not be larger than the block it replaces (widths,
+  kernel sizes, total size).
 """
 from __future__ import annotations
 
@@ -89,13 +104,20 @@ from ..errors import SpecError
 from ..engine.adapters.mha import adapt_attention
 
 __all__ = ["FORMAT_VERSION", "ROLES", "SpecError", "PassThrough", "structure_spec", "apply_spec",
-           "validate_spec", "layer_role"]
+           "validate_spec", "layer_role", "check_attr", "Bounds"]
 
 FORMAT_VERSION = 1
 ROLES = ("linear", "conv", "norm", "embedding", "attention", "other")
 SPARSE_THRESHOLD = 0.01  # tensors with more than 1% zeros are listed in sparsity.layers
 _TOP_KEYS = ("format_version", "base", "layers", "removed_blocks", "merged_blocks", "sparsity", "method",
              "stats", "versions")
+_BASE_KEYS = ("library", "architecture", "config", "source")
+_LAYER_KEYS = ("index", "path", "type", "role", "tensors", "base_tensors", "attrs")
+_BLOCK_KEYS = {"removed_blocks": ("index", "path", "type"), "merged_blocks": ("index", "path", "type", "became")}
+_SPARSITY_KEYS = ("global_nonzero", "layers")
+_SPARSE_LAYER_KEYS = ("index", "path", "tensor", "nonzero")
+_METHOD_KEYS = ("name", "settings")
+_TIMM_ARCH = re.compile(r"^[A-Za-z0-9_]+(\.[A-Za-z0-9_-]+)?$")  # a registered name and tag: no 'hf-hub:' source
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
 _HEAD_COUNT_ATTRS = ("num_heads", "num_attention_heads", "n_heads", "heads")  # = graph.tracer.HEAD_COUNT_ATTRS
 
@@ -383,6 +405,13 @@ def _fail(msg: str):
     raise SpecError(f"invalid hf_prune structure spec: {msg}")
 
 
+def _no_unknown_keys(obj: dict, known, where: str) -> None:
+    unknown = sorted(set(obj) - set(known), key=str)
+    if unknown:
+        _fail(f"{where} has unknown keys {unknown} (known: {list(known)}); this hf_prune does not know what they "
+              "mean, so it refuses them rather than ignore them")
+
+
 def _check_shape(shape, where: str):
     if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
         _fail(f"{where} must be a list of non-negative integers, got {shape!r}")
@@ -410,10 +439,12 @@ def validate_spec(spec) -> dict:
     missing = [k for k in _TOP_KEYS if k not in spec]
     if missing:
         _fail(f"missing fields {missing}")
+    _no_unknown_keys(spec, _TOP_KEYS, "the top level")
     base = spec["base"]
     if not isinstance(base, dict) or base.get("library") not in ("transformers", "timm"):
         got = base.get("library") if isinstance(base, dict) else base
         _fail(f"base.library must be 'transformers' or 'timm', got {got!r}")
+    _no_unknown_keys(base, _BASE_KEYS, "base")
     if not isinstance(base.get("architecture"), str) or not base["architecture"]:
         _fail(f"base.architecture must be a non-empty string, got {base.get('architecture')!r}")
     if not isinstance(base.get("config"), dict):
@@ -424,6 +455,9 @@ def validate_spec(spec) -> dict:
         _fail("base.config.model_args must be an object")
     if base["library"] == "transformers" and not _NAME.match(base["architecture"]):
         _fail(f"base.architecture {base['architecture']!r} is not a class name")
+    if base["library"] == "timm" and not _TIMM_ARCH.match(base["architecture"]):
+        _fail(f"base.architecture {base['architecture']!r} is not a timm model name (sources such as 'hf-hub:' "
+              "are refused: the base is built from its name alone)")
 
     for key in ("layers", "removed_blocks", "merged_blocks"):
         if not isinstance(spec[key], list):
@@ -436,6 +470,7 @@ def validate_spec(spec) -> dict:
     for i, entry in enumerate(spec["layers"]):
         where = f"layers[{i}]"
         _check_ref(entry, where)
+        _no_unknown_keys(entry, _LAYER_KEYS, where)
         if entry.get("role") not in ROLES:
             _fail(f"{where}.role must be one of {ROLES}, got {entry.get('role')!r}")
         for field in ("tensors", "attrs"):
@@ -463,6 +498,7 @@ def validate_spec(spec) -> dict:
     for key in ("removed_blocks", "merged_blocks"):
         for i, entry in enumerate(spec[key]):
             _check_ref(entry, f"{key}[{i}]")
+            _no_unknown_keys(entry, _BLOCK_KEYS[key], f"{key}[{i}]")
             if entry["path"] == "":
                 _fail(f"{key}[{i}] replaces the whole model")
             removed_paths.append(entry["path"])
@@ -474,6 +510,7 @@ def validate_spec(spec) -> dict:
     sparsity = spec["sparsity"]
     if not isinstance(sparsity, dict):
         _fail("sparsity must be an object")
+    _no_unknown_keys(sparsity, _SPARSITY_KEYS, "sparsity")
     if sparsity:
         g = sparsity.get("global_nonzero")
         if not _is_number(g) or not 0 <= g <= 1:
@@ -483,10 +520,12 @@ def validate_spec(spec) -> dict:
         for i, entry in enumerate(sparsity["layers"]):
             if not isinstance(entry, dict) or not _is_number(entry.get("nonzero")) or not 0 <= entry["nonzero"] <= 1:
                 _fail(f"sparsity.layers[{i}] must have a nonzero fraction")
+            _no_unknown_keys(entry, _SPARSE_LAYER_KEYS, f"sparsity.layers[{i}]")
     method = spec["method"]
     if not isinstance(method, dict) or not (method.get("name") is None or isinstance(method.get("name"), str)) \
             or not isinstance(method.get("settings", {}), dict):
         _fail("method must be an object {name: string or null, settings: object}")
+    _no_unknown_keys(method, _METHOD_KEYS, "method")
     if not isinstance(spec["stats"], dict) or not all(v is None or _is_number(v) for v in spec["stats"].values()):
         _fail("stats must map names to numbers")
     if not isinstance(spec["versions"], dict) or not all(v is None or isinstance(v, str)
@@ -495,15 +534,164 @@ def validate_spec(spec) -> dict:
     return spec
 
 
+# --------------------------------------------------------------------------- what a spec may change
+
+# Attributes compaction sets on standard layers (hf_prune.engine.surgery._fix_module); nothing else on them.
+_LAYER_ATTRS = (
+    (nn.Linear, ("in_features", "out_features")),
+    (nn.modules.conv._ConvNd, ("in_channels", "out_channels", "groups")),
+    (nn.modules.batchnorm._NormBase, ("num_features",)),
+    (nn.GroupNorm, ("num_groups", "num_channels")),
+    (nn.Embedding, ("embedding_dim",)),
+)
+_AT_LEAST_ONE = ("groups", "num_groups")
+_HEAD_WIDTH_ATTRS = ("all_head_size", "attn_dim", "inner_dim", "all_head_dim")  # = engine.surgery.HEAD_WIDTH_ATTRS
+_HEAD_SIZE_ATTRS = ("head_dim", "attention_head_size", "head_size", "dim_head", "attn_head_size")
+_SCALE_ATTRS = ("scaling", "scale")
+
+
+class Bounds:
+    """The largest sizes a spec may give the modules of a freshly built base (see the module docstring)."""
+
+    def __init__(self, model: nn.Module, library: str):
+        self.exact = library == "timm"  # timm's model_args are never edited by pruning: the base is the dense model
+        tensors = [t for m in model.modules() for t in _own_tensors(m).values() if t is not None]
+        self.widest = max((d for t in tensors for d in t.shape), default=0)
+        self.largest = max((t.numel() for t in tensors), default=0)
+
+    def size(self, base: int) -> int:
+        return base if self.exact else max(base, self.widest)
+
+    def numel(self, base: int) -> int:
+        return base if self.exact else max(base, self.largest)
+
+
+def _check_tensor(where: str, name: str, shape: list, base: torch.Tensor, bounds: Bounds) -> None:
+    base_shape = list(base.shape)
+    if len(shape) != len(base_shape):
+        raise SpecError(f"{where}: tensor '{name}' has {len(shape)} dimensions in the spec but {len(base_shape)} in "
+                        "the base; pruning never changes that")
+    if any(d > bounds.size(b) for d, b in zip(shape, base_shape)) or math.prod(shape) > bounds.numel(base.numel()):
+        raise SpecError(f"{where}: tensor '{name}' of shape {shape} is larger than the base's {base_shape}; pruning "
+                        "only removes, so the checkpoint is corrupted or was edited")
+
+
+def _allowed_attrs(module: nn.Module) -> tuple | None:
+    """The attributes a spec may set on ``module``'s type; None: the generic rules for other modules."""
+    for cls, names in _LAYER_ATTRS:
+        if isinstance(module, cls):
+            return names
+    return None
+
+
+def check_attr(module: nn.Module, name: str, value, attrs: dict, bounds: Bounds, where: str) -> None:
+    """Raise :class:`SpecError` unless compaction could have set ``module.name = value`` (see module docstring).
+
+    ``module`` is the freshly built base module; ``attrs`` all the attributes its entry sets.
+    """
+    def refuse(why: str):
+        raise SpecError(f"{where}: attrs[{name!r}] = {value!r} on a {type(module).__name__}: {why}; the checkpoint "
+                        "is corrupted or was edited")
+
+    base = vars(module).get(name)
+    if name not in vars(module) or callable(base) or isinstance(base, (torch.Tensor, nn.Module)):
+        refuse("the base module has no such plain attribute, and pruning adds none")
+    allowed = _allowed_attrs(module)
+    if allowed is not None and name not in allowed:
+        refuse(f"pruning sets only {list(allowed)} on this layer type")
+    if allowed is not None or name in _HEAD_COUNT_ATTRS + _HEAD_WIDTH_ATTRS + _HEAD_SIZE_ATTRS:
+        if not _is_int(base):
+            refuse(f"the base value {base!r} is not an integer")
+        low = 1 if name in _AT_LEAST_ONE else 0
+        if not _is_int(value) or not low <= value <= bounds.size(base):
+            refuse(f"must be an integer in [{low}, {bounds.size(base)}] (the base has {base})")
+        return
+    if name in _SCALE_ATTRS:
+        _check_scale(module, name, value, attrs, refuse)
+        return
+    if not isinstance(base, (tuple, list)) or not all(_is_int(b) for b in base):
+        refuse("only widths, head counts and sizes, scales and per-channel shapes may change")
+    if not isinstance(value, list) or len(value) != len(base) or not all(_is_int(v) and v >= 0 for v in value):
+        refuse(f"must be a list of {len(base)} non-negative integers like the base's {list(base)}")
+    if name == "normalized_shape":
+        changing = range(len(base))
+    else:  # a per-channel broadcast shape such as (C, 1, 1): only the channel entry may change
+        changing = [i for i, b in enumerate(base) if b != 1]
+        if len(changing) != 1:
+            refuse(f"the base value {list(base)} is not a per-channel shape (one entry, the rest 1)")
+    for i, (v, b) in enumerate(zip(value, base)):
+        if (i in changing and v > bounds.size(b)) or (i not in changing and v != b):
+            refuse(f"entry {i} may not become {v} (base {list(base)})")
+
+
+def _check_scale(module: nn.Module, name: str, value, attrs: dict, refuse) -> None:
+    base = vars(module)[name]
+    if not isinstance(base, float) or not _is_number(value) or value <= 0:
+        refuse(f"must be a positive finite number replacing the base's float (got base {base!r})")
+    size_attr = next((a for a in _HEAD_SIZE_ATTRS if _is_int(vars(module).get(a)) and vars(module)[a] > 0), None)
+    if size_attr is None or not math.isclose(base, vars(module)[size_attr] ** -0.5, rel_tol=1e-6):
+        return  # the base does not derive its scale from the head size: nothing to tie it to
+    size = attrs.get(size_attr, vars(module)[size_attr])
+    if not _is_int(size) or size <= 0 or not math.isclose(value, size ** -0.5, rel_tol=1e-6):
+        refuse(f"the base uses {size_attr} ** -0.5, so it must be {size!r} ** -0.5")
+
+
+def _check_merged(entry: dict, block: nn.Module, bounds: Bounds, where: str) -> None:
+    """A merged block's description, bounded by the block it replaces, before anything is built from it."""
+    tensors = [t for t in list(block.parameters()) + list(block.buffers())]
+    widest = bounds.size(max((d for t in tensors for d in t.shape), default=0))
+    total = bounds.numel(sum(t.numel() for t in tensors))
+    kernel = max([max(m.kernel_size) for m in block.modules() if isinstance(m, nn.modules.conv._ConvNd)] or [1])
+    d = entry["became"]
+    body, sc = d.get("body"), d.get("shortcut")
+    if not isinstance(body, list) or not body or not all(isinstance(x, dict) for x in body):
+        raise SpecError(f"{where}.became.body must be a non-empty list of layer descriptions")
+    layers = body + ([sc] if isinstance(sc, dict) else [])
+    if sc not in (None, "identity") and not isinstance(sc, dict):
+        raise SpecError(f"{where}.became.shortcut must be null, 'identity' or a layer description, got {sc!r}")
+    size = 0
+    for i, layer in enumerate(layers):
+        at = f"{where}.became layer {i}"
+        if layer.get("op") not in ("linear", "conv2d"):
+            raise SpecError(f"{at}: op must be 'linear' or 'conv2d', got {layer.get('op')!r}")
+        c_in, c_out, groups = layer.get("in"), layer.get("out"), layer.get("groups", 1)
+        if not all(_is_int(c) and 1 <= c <= widest for c in (c_in, c_out)):
+            raise SpecError(f"{at}: in/out ({c_in!r}, {c_out!r}) must be integers in [1, {widest}], the widest "
+                            "dimension of the block it replaces")
+        if not _is_int(groups) or groups < 1 or c_in % groups or c_out % groups:
+            raise SpecError(f"{at}: groups={groups!r} must be a positive integer dividing in and out")
+        k = [1]
+        if layer["op"] == "conv2d":
+            k = layer.get("kernel")
+            pairs = {"kernel": k, "stride": layer.get("stride"), "dilation": layer.get("dilation")}
+            for key, v in pairs.items():
+                if not isinstance(v, list) or len(v) != 2 or not all(_is_int(x) and x >= 1 for x in v):
+                    raise SpecError(f"{at}: {key} must be two positive integers, got {v!r}")
+            if max(k) > kernel:
+                raise SpecError(f"{at}: kernel {k} is larger than any kernel of the block it replaces ({kernel})")
+            pad = layer.get("padding")
+            if pad != "tf_same" and not (isinstance(pad, list) and len(pad) == 2
+                                         and all(_is_int(x) and 0 <= x <= kernel for x in pad)):
+                raise SpecError(f"{at}: padding must be 'tf_same' or two integers in [0, {kernel}], got {pad!r}")
+        if not isinstance(layer.get("bias"), bool):
+            raise SpecError(f"{at}: bias must be true or false")
+        size += c_in * c_out // groups * math.prod(k) + c_out
+    if size > total:
+        raise SpecError(f"{where}: the merged block would hold {size} numbers, more than the {total} of the block it "
+                        "replaces; the checkpoint is corrupted or was edited")
+
+
 # --------------------------------------------------------------------------- applying
 
 
 def apply_spec(model: nn.Module, spec: dict) -> nn.Module:
     """Resize a freshly built base ``model`` in place so that it has the pruned structure.
 
-    Every entry is checked against the model (index, path, type, base shapes) before anything is
-    changed; a mismatch raises :class:`SpecError` naming the entry and leaves the model untouched.
-    New tensors are uninitialised (load the weights afterwards).
+    Every entry is checked against the model (index, path, type, base shapes, sizes within the
+    bounds and attributes on the allow-list of the module docstring) before anything is changed or
+    allocated; a mismatch raises :class:`SpecError` naming the entry and leaves the model untouched.
+    A failure while changing it (an interrupt too) undoes every change. New tensors are
+    uninitialised (load the weights afterwards).
     """
     validate_spec(spec)
     modules = list(model.named_modules())
@@ -520,6 +708,7 @@ def apply_spec(model: nn.Module, spec: dict) -> nn.Module:
                             "configuration or library version")
         return module
 
+    bounds = Bounds(model, spec["base"]["library"])
     plan = []
     for n, entry in enumerate(spec["layers"]):
         where = f"layers[{n}]"
@@ -532,37 +721,66 @@ def apply_spec(model: nn.Module, spec: dict) -> nn.Module:
             if want is not None and list(own[name].shape) != want:
                 raise SpecError(f"{where} ('{entry['path']}.{name}'): the base has shape {list(own[name].shape)}, the "
                                 f"spec was made from a base with shape {want}; the configuration differs")
-        for name in entry["attrs"]:
+            _check_tensor(f"{where} ('{entry['path']}')", name, shape, own[name], bounds)
+        for name, value in entry["attrs"].items():
             if name in module._parameters or name in module._buffers or name in module._modules:
                 raise SpecError(f"{where} ('{entry['path']}'): attribute '{name}' names a tensor or submodule")
+            check_attr(module, name, value, entry["attrs"], bounds, f"{where} ('{entry['path']}')")
         plan.append((entry, module))
     removals = [(entry, lookup(entry, f"removed_blocks[{n}]")) for n, entry in enumerate(spec["removed_blocks"])]
     merges = [(entry, lookup(entry, f"merged_blocks[{n}]")) for n, entry in enumerate(spec["merged_blocks"])]
+    for n, (entry, block) in enumerate(merges):
+        _check_merged(entry, block, bounds, f"merged_blocks[{n}] ('{entry['path']}')")
     if merges:
         from ..methods.updp.merge import MergedBlock
 
         built = [MergedBlock.from_description(entry["became"]) for entry, _ in merges]
+
+    _apply_checked(model, plan, removals, merges, built if merges else [])
+    return model
+
+
+def _apply_checked(model: nn.Module, plan: list, removals: list, merges: list, built: list) -> None:
+    """Change the model as checked; on any failure (an interrupt too) every change is undone."""
+    changes = []  # (undo function) in the order made
+    try:
+        _apply_plan(model, plan, removals, merges, built, changes)
+    except BaseException:
+        for undo in reversed(changes):
+            undo()
+        raise
+
+
+def _apply_plan(model, plan, removals, merges, built, changes) -> None:
+    def set_tensor(module, kind, name, new):
+        table = getattr(module, kind)
+        old = table[name]
+        changes.append(lambda: table.__setitem__(name, old))
+        table[name] = new
+
+    def set_attr(obj, name, value):
+        had, old = name in vars(obj) or name == "__class__", getattr(obj, name, None)
+        changes.append(lambda: setattr(obj, name, old) if had else delattr(obj, name))
+        setattr(obj, name, value)
 
     for entry, module in plan:
         for name, shape in entry["tensors"].items():
             old = _own_tensors(module)[name]
             new = torch.empty(shape, dtype=old.dtype, device=old.device)
             if name in module._parameters:
-                module._parameters[name] = nn.Parameter(new, requires_grad=old.requires_grad)
+                set_tensor(module, "_parameters", name, nn.Parameter(new, requires_grad=old.requires_grad))
             else:
-                module._buffers[name] = new
+                set_tensor(module, "_buffers", name, new)
         for name, value in entry["attrs"].items():
-            setattr(module, name, _decode(value, getattr(module, name, None)))
-        adapt_attention(module)
+            set_attr(module, name, _decode(value, getattr(module, name, None)))
+        adapt_attention(module, set_attr)
     by_path = dict(model.named_modules())
     for entry, _ in removals:
         parent_path, _, child = entry["path"].rpartition(".")
-        parent = by_path[parent_path]
-        parent._modules[child] = PassThrough()
-    for (entry, old), new in zip(merges, built if merges else []):
+        set_tensor(by_path[parent_path], "_modules", child, PassThrough())
+    for (entry, old), new in zip(merges, built):
         parent_path, _, child = entry["path"].rpartition(".")
         param = next(old.parameters(), None)
         if param is not None:
             new = new.to(device=param.device, dtype=param.dtype)
-        by_path[parent_path]._modules[child] = new
-    return model
+        set_tensor(by_path[parent_path], "_modules", child, new)

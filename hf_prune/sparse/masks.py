@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from ..errors import PruningError
-from ..core.inputs import logits_of, model_device, to_device
+from ..core.inputs import logits_of, to_device
 
 __all__ = [
     "PRUNABLE_TYPES", "ATTR", "prunable_layers", "find_stem", "find_classifier", "WeightMasks",

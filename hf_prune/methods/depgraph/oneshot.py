@@ -32,9 +32,6 @@ def prune_depgraph(model: nn.Module, config: DepGraphConfig, *, example_inputs=N
 
     ``compact=False`` leaves masks (fixed shapes, for training); :func:`hf_prune.compact` removes them.
     """
-    if example_inputs is None:
-        raise ConfigError("method 'depgraph' traces the model: pass example_inputs= (e.g. "
-                          "{'pixel_values': torch.randn(1, 3, 224, 224)} or a tensor)")
     if config.importance == "taylor":
         if calib is None:
             raise ConfigError("importance='taylor' needs gradients: pass calib= (labelled batches)")

@@ -56,7 +56,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import hashlib
-import math
 import re
 import time
 from dataclasses import dataclass, field
@@ -69,7 +68,7 @@ from ...errors import PruningError
 from ...core.execution import eval_mode, recalibrate_batchnorm
 from ...core.inputs import call_model, first_tensor, logits_of, model_inputs, split_batch
 from ...core.progress import progress
-from ...engine.masks import MaskedNorm, get_mask
+from ...engine.masks import MaskedNorm, get_mask, set_mask
 from .config import DEFAULT_RATIOS, SUPERVISIONS
 
 __all__ = ["Stage", "WidthSpace", "Supernet", "SearchResult", "find_stages", "evolutionary_search",
@@ -621,15 +620,20 @@ class Supernet:
         choice = self.space.validate(choice)
         removed = self.space.removed(choice)
         if inplace:
-            saved = self.bn_state()
+            saved = {k: v.clone() for k, v in self.model.state_dict().items()}  # weights and BN statistics
+            removed_before = self.pruner.removed
             try:
                 with self.recalibrated(choice, calib_batches, persist=True):
                     pass
                 self.pruner.apply(removed)
                 model = self.pruner.compact()
-            except BaseException:
-                if get_mask(self.model) is None:  # still full size: put the statistics back
-                    self.load_bn_state(saved)
+            except BaseException:  # compact() left the masked model intact: take the masks off, then the values
+                mask = get_mask(self.model)
+                if mask is not None:
+                    mask.remove_hooks()
+                    set_mask(self.model, None)
+                self.model.load_state_dict(saved)
+                self.pruner.removed = removed_before
                 raise
         else:
             with self.recalibrated(choice, calib_batches):

@@ -541,6 +541,7 @@ def prune_depth(model: nn.Module, *, example_inputs=None, blocks=None, num_block
     originals = {r.path: model.get_submodule(r.path) for r in refs}
     snapshots = {p: _state(m) for p, m in originals.items()}
     was_training = model.training
+    modes = module_modes(model)
     entries = []
     try:
         wrappers = anneal(model, refs, end_act=end_act)
@@ -557,12 +558,12 @@ def prune_depth(model: nn.Module, *, example_inputs=None, blocks=None, num_block
         if example_inputs is not None:
             with torch.no_grad():
                 output_tensor(call_model(model, example_inputs))
-    except Exception as exc:
+    except BaseException as exc:  # interrupts too: the model is restored, then the exception goes on
         for p, m in originals.items():
             m.load_state_dict(snapshots[p])
             set_module(model, p, m)
-        model.train(was_training)
-        if isinstance(exc, PruningError):
+        restore_modes(modes)
+        if isinstance(exc, PruningError) or not isinstance(exc, Exception):
             raise
         raise PruningError(f"UPDP merge failed and the model was restored: {exc!r}") from exc
     model.train(was_training)
@@ -684,10 +685,20 @@ class UPDPAnnealer:
         if low and not force:
             raise PruningError(f"{len(low)} blocks are at lambda={low[0].lam:.3f} < 1; train until the annealing "
                                "ends or call merge_all(force=True) (not exact w.r.t. the trained model)")
+        lams = [(w, w.lam) for w in self.blocks]
         set_lambda(self.blocks, 1.0)
-        entries = []
-        for w in self.blocks:
-            entries.append(merge_block(self.model, w))
+        entries, done = [], []
+        try:  # all or nothing, interrupts included: a half-merged model is neither the trained nor the merged one
+            for w in self.blocks:
+                path, _ = _find_wrapper(self.model, w)
+                entries.append(merge_block(self.model, w))
+                done.append((path, w))
+        except BaseException:
+            for path, w in reversed(done):
+                set_module(self.model, path, w)
+            for w, lam in lams:
+                w.lam = lam
+            raise
         self.merged = entries
         return entries
 
