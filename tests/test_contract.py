@@ -150,12 +150,24 @@ def test_oneshot_save_and_reload_exact(method, kind, tmp_path, data):
 # ------------------------------------------------------------------------------------------ Trainer
 
 
+_RUNS: dict = {}
+
+
+def trained(method, kind, tmp_path_factory, data):
+    """One uninterrupted Trainer run per (method, model) with checkpoints every 3 steps, shared by the tests."""
+    key = (method, kind)
+    if key not in _RUNS:
+        out = tmp_path_factory.mktemp(f"{method}-{kind}")
+        _RUNS[key] = (*train(method, kind, out, data, args=targs(out, save_strategy="steps", save_steps=3)), out)
+    return _RUNS[key]
+
+
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("method", METHODS)
-def test_trainer_save_model_and_save_pretrained_reload_exact(method, kind, tmp_path, data):
+def test_trainer_save_model_and_save_pretrained_reload_exact(method, kind, tmp_path, tmp_path_factory, data):
     _, val, _ = data
     dense_params = sum(p.numel() for p in build(kind).parameters())
-    model, cb, trainer = train(method, kind, tmp_path / "run", data)
+    model, cb, trainer, _ = trained(method, kind, tmp_path_factory, data)
     assert cb.finished and cb.record["method"] == method
     assert_pruned(method, model, dense_params)
     x = val.pixel_values[:8]
@@ -169,7 +181,7 @@ def test_trainer_save_model_and_save_pretrained_reload_exact(method, kind, tmp_p
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_resume_equals_uninterrupted(method, tmp_path, data):
+def test_resume_equals_uninterrupted(method, tmp_path, tmp_path_factory, data):
     from transformers import TrainerCallback
 
     class StopAt(TrainerCallback):
@@ -177,15 +189,14 @@ def test_resume_equals_uninterrupted(method, tmp_path, data):
             if state.global_step == 3:
                 control.should_training_stop = True
 
-    args = dict(save_strategy="steps", save_steps=3)
-    full, full_cb, _ = train(method, "vit", tmp_path / "full", data, args=targs(tmp_path / "full", **args))
-    train(method, "vit", tmp_path / "part", data, args=targs(tmp_path / "part", **args), callbacks=[StopAt()])
+    full, full_cb, _, _ = trained(method, "vit", tmp_path_factory, data)
+    args = targs(tmp_path / "part", save_strategy="steps", save_steps=3)
+    train(method, "vit", tmp_path / "part", data, args=args, callbacks=[StopAt()])
     ckpt = tmp_path / "part" / "checkpoint-3"
     state = json.loads((ckpt / "hf_prune_state.json").read_text())
     assert state["method"] == method and state["global_step"] == 3
     # the same starting model (SP distils from it); steps 3-5 start from the checkpoint's weights and state
-    resumed, resumed_cb, _ = train(method, "vit", tmp_path / "part", data, args=targs(tmp_path / "part", **args),
-                                   resume=str(ckpt))
+    resumed, resumed_cb, _ = train(method, "vit", tmp_path / "part", data, args=args, resume=str(ckpt))
     assert_same_model(full, resumed, data[1].pixel_values[:8])
     assert resumed_cb.record == full_cb.record
 

@@ -9,6 +9,7 @@ Importing this module is cheap: torch, timm and transformers are imported when a
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 from dataclasses import dataclass, field
@@ -258,3 +259,33 @@ def _check_runs(loaded: LoadedModel) -> None:
         shape = "x".join(str(d) for d in (1, *loaded.input_size))
         raise CLIError(f"{loaded.name} does not run on inputs of shape {shape}: {one_line(exc)} "
                        "(set --image-size to a size the model accepts)") from exc
+
+
+# argparse types shared by the commands
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
+
+
+def number(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None

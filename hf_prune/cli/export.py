@@ -9,20 +9,12 @@ from __future__ import annotations
 import argparse
 import json
 
+from .common import positive_int
+
 HELP = "export a (pruned) model to ONNX, checked with ONNX Runtime"
 DESCRIPTION = ("Export MODEL (a directory saved by hf-prune prune / hf_prune.save_pretrained, a transformers "
                "directory or Hub id, or a timm name) to ONNX with a dynamic batch dimension, and check the file "
                "against the model with ONNX Runtime before writing it.")
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
 
 
 # hf_prune.export.EXPORTERS, spelled out: building the parser must not import torch.
@@ -33,14 +25,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``export`` subcommand's arguments."""
     parser.add_argument("model", metavar="MODEL", help="a saved (pruned) model directory, a Hub id or a timm name")
     parser.add_argument("--output", "-o", required=True, metavar="FILE", help="the .onnx file to write")
-    parser.add_argument("--opset", type=_positive, metavar="N", help="ONNX opset (default: the exporter's)")
+    parser.add_argument("--opset", type=positive_int, metavar="N", help="ONNX opset (default: the exporter's)")
     parser.add_argument("--exporter", choices=EXPORTERS, default="auto",
                         help="dynamo (torch.export), torchscript, or auto: dynamo when onnxscript is installed, "
                              "falling back to torchscript (default: auto)")
     parser.add_argument("--static-batch", action="store_true", help="fix the batch size to --batch-size")
-    parser.add_argument("--batch-size", type=_positive, default=1, metavar="N",
+    parser.add_argument("--batch-size", type=positive_int, default=1, metavar="N",
                         help="batch size of the example input (default: 1)")
-    parser.add_argument("--image-size", type=_positive, metavar="N",
+    parser.add_argument("--image-size", type=positive_int, metavar="N",
                         help="input height and width (default: the model's own input size)")
     parser.add_argument("--no-check", action="store_true", help="do not run the file with ONNX Runtime")
     parser.add_argument("--json", action="store_true", help="print a JSON object instead of a line")

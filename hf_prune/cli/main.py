@@ -27,40 +27,14 @@ import sys
 import time
 from typing import Any
 
-from .common import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, CLIError, hub_api, load_model, one_line
+from .common import (EXIT_FAILURE, EXIT_OK, EXIT_USAGE, CLIError, hub_api, load_model, non_negative_int, number,
+                     one_line, positive_int)
 
 __all__ = ["main", "build_parser"]
 
 # ------------------------------------------------------------------------------------------------
 # argument parsing
 # ------------------------------------------------------------------------------------------------
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
-    return value
-
-
-def _number(text: str) -> float:
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                         help="show the full traceback on errors")
-    common.add_argument("--threads", type=_positive_int, default=argparse.SUPPRESS, metavar="N",
+    common.add_argument("--threads", type=positive_int, default=argparse.SUPPRESS, metavar="N",
                         help="torch CPU threads (default: torch's default; 1 is much faster on a "
                              "machine whose cores are busy with other work)")
 
@@ -100,16 +74,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the method's settings: a JSON file written by PruningConfig.save_pretrained, or a "
                         "folder / Hub repo of a model pruned by hf_prune (its settings are reused); flags "
                         "override its fields")
-    p.add_argument("--target-macs", type=_number, metavar="F", help="fraction of the dense MACs to keep, in (0, 1]")
-    p.add_argument("--sparsity", type=_number, metavar="F",
+    p.add_argument("--target-macs", type=number, metavar="F", help="fraction of the dense MACs to keep, in (0, 1]")
+    p.add_argument("--sparsity", type=number, metavar="F",
                    help="fraction of the prunable parameters (weights) to remove, in [0, 1)")
-    p.add_argument("--num-blocks", type=_positive_int, metavar="K", help="updp: number of blocks to merge")
+    p.add_argument("--num-blocks", type=positive_int, metavar="K", help="updp: number of blocks to merge")
     p.add_argument("--output", "-o", metavar="DIR",
                    help="save the pruned model here (config.json with the hf_prune spec + safetensors)")
     p.add_argument("--importance", choices=["l1", "l2"], help="channel-group importance (default: l2)")
     p.add_argument("--mode", choices=["global", "local"],
                    help="global: one ranking across layers; local: the same ratio per layer (default: global)")
-    p.add_argument("--round-to", type=_non_negative_int, metavar="N",
+    p.add_argument("--round-to", type=non_negative_int, metavar="N",
                    help="keep channel counts multiples of N for speed (0 disables; default: 8)")
     p.add_argument("--prune-stem", action="store_true", default=None,
                    help="also prune the first layer's outputs")
@@ -126,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "measure its latency on this machine.")
     p.add_argument("model", metavar="MODEL", help=model_help)
     _add_model_options(p)
-    p.add_argument("--batch-size", type=_positive_int, default=1, metavar="N",
+    p.add_argument("--batch-size", type=positive_int, default=1, metavar="N",
                    help="batch size of the timed inputs (default: 1)")
     p.add_argument("--json", action="store_true", help="print a JSON object instead of the table")
     p.set_defaults(func=_cmd_profile)
@@ -153,14 +127,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_model_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--image-size", type=_positive_int, metavar="N",
+    p.add_argument("--image-size", type=positive_int, metavar="N",
                    help="input height and width (default: the model's own input size)")
-    p.add_argument("--num-labels", type=_positive_int, metavar="N",
+    p.add_argument("--num-labels", type=positive_int, metavar="N",
                    help="number of classes of a model built from a name or a config (timm num_classes)")
     p.add_argument("--pretrained", action="store_true",
                    help="timm names only: download pretrained weights (needs the Hub); "
                         "default: random weights")
-    p.add_argument("--iters", type=_positive_int, default=20, metavar="N",
+    p.add_argument("--iters", type=positive_int, default=20, metavar="N",
                    help="timed forward passes per model after warm-up; the median is reported "
                         "(default: 20)")
 

@@ -20,17 +20,7 @@ from __future__ import annotations
 
 __all__ = ["register_auto_classes", "enable_pipeline", "VISION_AUTO_CLASSES"]
 
-# (Auto class, its mapping of model type -> class name in transformers.models.auto.modeling_auto)
-VISION_AUTO_CLASSES = (
-    ("AutoModelForImageClassification", "MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES"),
-    ("AutoModel", "MODEL_MAPPING_NAMES"),
-    ("AutoBackbone", "MODEL_FOR_BACKBONE_MAPPING_NAMES"),
-    ("AutoModelForSemanticSegmentation", "MODEL_FOR_SEMANTIC_SEGMENTATION_MAPPING_NAMES"),
-    ("AutoModelForObjectDetection", "MODEL_FOR_OBJECT_DETECTION_MAPPING_NAMES"),
-    ("AutoModelForDepthEstimation", "MODEL_FOR_DEPTH_ESTIMATION_MAPPING_NAMES"),
-    ("AutoModelForMaskedImageModeling", "MODEL_FOR_MASKED_IMAGE_MODELING_MAPPING_NAMES"),
-    ("AutoModelForImageSegmentation", "MODEL_FOR_IMAGE_SEGMENTATION_MAPPING_NAMES"),
-)
+from .base import VISION_AUTO_CLASSES
 _REGISTERED: set[str] = set()
 _LOADERS: dict[str, type] = {}
 

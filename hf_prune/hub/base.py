@@ -34,6 +34,18 @@ __all__ = ["library_of", "transformers_base_class", "describe_base", "build_base
 PRUNED_MODEL_TYPE_PREFIX = "hf_prune_"
 _PRUNED_CONFIGS: dict[type, type] = {}
 
+# (Auto class, its mapping of model type -> class name in transformers.models.auto.modeling_auto)
+VISION_AUTO_CLASSES = (
+    ("AutoModelForImageClassification", "MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES"),
+    ("AutoModel", "MODEL_MAPPING_NAMES"),
+    ("AutoBackbone", "MODEL_FOR_BACKBONE_MAPPING_NAMES"),
+    ("AutoModelForSemanticSegmentation", "MODEL_FOR_SEMANTIC_SEGMENTATION_MAPPING_NAMES"),
+    ("AutoModelForObjectDetection", "MODEL_FOR_OBJECT_DETECTION_MAPPING_NAMES"),
+    ("AutoModelForDepthEstimation", "MODEL_FOR_DEPTH_ESTIMATION_MAPPING_NAMES"),
+    ("AutoModelForMaskedImageModeling", "MODEL_FOR_MASKED_IMAGE_MODELING_MAPPING_NAMES"),
+    ("AutoModelForImageSegmentation", "MODEL_FOR_IMAGE_SEGMENTATION_MAPPING_NAMES"),
+)
+
 # pretrained_cfg keys worth keeping in a timm base description (data config and provenance).
 _TIMM_CFG_KEYS = ("architecture", "tag", "hf_hub_id", "num_classes", "input_size", "fixed_input_size",
                   "interpolation", "crop_pct", "crop_mode", "mean", "std", "pool_size", "first_conv",

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ..core.record import read_record
-from .base import (PRUNED_MODEL_TYPE_PREFIX, base_config_class, library_of, mark_pruned, transformers_base_class,
+from .base import (PRUNED_MODEL_TYPE_PREFIX, VISION_AUTO_CLASSES, base_config_class, library_of, mark_pruned, transformers_base_class,
                    transformers_class)
 from .spec import SpecError, apply_spec, structure_spec, validate_spec
 
@@ -35,17 +35,6 @@ WEIGHTS_NAME = "model.safetensors"
 STANDALONE_FILE = "modeling_hf_prune.py"
 _TEMPLATES = Path(__file__).with_name("templates")
 
-# (auto class, name of its mapping in transformers.models.auto.modeling_auto)
-_AUTO_CLASSES = (
-    ("AutoModelForImageClassification", "MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES"),
-    ("AutoModel", "MODEL_MAPPING_NAMES"),
-    ("AutoBackbone", "MODEL_FOR_BACKBONE_MAPPING_NAMES"),
-    ("AutoModelForSemanticSegmentation", "MODEL_FOR_SEMANTIC_SEGMENTATION_MAPPING_NAMES"),
-    ("AutoModelForObjectDetection", "MODEL_FOR_OBJECT_DETECTION_MAPPING_NAMES"),
-    ("AutoModelForDepthEstimation", "MODEL_FOR_DEPTH_ESTIMATION_MAPPING_NAMES"),
-    ("AutoModelForMaskedImageModeling", "MODEL_FOR_MASKED_IMAGE_MODELING_MAPPING_NAMES"),
-    ("AutoModelForImageSegmentation", "MODEL_FOR_IMAGE_SEGMENTATION_MAPPING_NAMES"),
-)
 
 
 # --------------------------------------------------------------------------- saving
@@ -257,7 +246,7 @@ def _auto_map(model: nn.Module, cls: type) -> dict:
 
     model_type = base_config_class(model.config).model_type
     found = {}
-    for auto_name, mapping_name in _AUTO_CLASSES:
+    for auto_name, mapping_name in VISION_AUTO_CLASSES:
         mapping = getattr(modeling_auto, mapping_name, {})
         names = mapping.get(model_type)
         names = names if isinstance(names, (tuple, list)) else (names,)
