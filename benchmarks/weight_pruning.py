@@ -43,10 +43,9 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import RESULTS, env_info, header_md, md_table  # noqa: E402
-from hf_prune.methods.ovit import obs as ovit_mod  # noqa: E402
 from hf_prune.methods.rd import curves as rd_mod  # noqa: E402
-from hf_prune.sparse.allocation import prune_weights  # noqa: E402
-from hf_prune.sparse.masks import WeightMasks, prunable_layers, safetensors_size  # noqa: E402
+from hf_prune.api import oneshot  # noqa: E402
+from hf_prune.sparse.masks import prunable_layers, safetensors_size  # noqa: E402
 
 PARTS = ("digits", "rd", "ovit", "gradual", "semi24")
 
@@ -218,16 +217,15 @@ def part_digits(args) -> dict:
                 model = copy.deepcopy(dense)
                 t0 = time.perf_counter()
                 if method == "magnitude":
-                    stats = prune_weights(model, method="magnitude", sparsity=sparsity, allocation=alloc)
+                    stats = oneshot(model, "magnitude", sparsity=sparsity, allocation=alloc)[1]
                     label = f"magnitude + {alloc}"
                 elif method == "rd":
-                    stats = prune_weights(model, method="rd", sparsity=sparsity, calib=rd_calib, curves=curves[alloc])
+                    stats = oneshot(model, "rd", sparsity=sparsity, calib=rd_calib, curves=curves[alloc])[1]
                     label = ("RD (max, layers ≤ 95%) + magnitude" if alloc == "max-cap95"
                              else f"RD ({alloc} over samples) + magnitude")
                 else:
-                    stats = prune_weights(model, method="ovit", sparsity=sparsity, calib=ov_calib, allocation=alloc,
-                                          block_size=args.block_size, num_grads=m, damping=args.damping,
-                                          num_threads=1)
+                    stats = oneshot(model, "ovit", sparsity=sparsity, calib=ov_calib, allocation=alloc,
+                                    block_size=args.block_size, num_grads=m, damping=args.damping, num_threads=1)[1]
                     label = "oViT (global OBS threshold)" if alloc is None else f"oViT OBS + {alloc}"
                 sec = time.perf_counter() - t0
                 acc, agree, _ = evaluate(model, val, dense_pred)
@@ -339,15 +337,15 @@ def part_ovit(args) -> dict:
 
     torch.manual_seed(0)
     model = timm.create_model("deit_small_patch16_224", pretrained=False, img_size=args.rd_res).eval()
-    m, dtype = args.large_num_grads, getattr(torch, args.ovit_dtype)
+    m = args.large_num_grads
     calib = [(torch.randn(args.ovit_batch, 3, args.rd_res, args.rd_res), torch.randint(0, 1000, (args.ovit_batch,)))
              for _ in range(m)]
     info = {}
     with PeakRSS() as mem:
         t0, c0 = time.perf_counter(), time.process_time()
-        stats = prune_weights(model, method="ovit", sparsity=0.5, calib=calib, block_size=args.large_block_size,
-                              num_grads=m, damping=1e-8, dtype=dtype, fisher=args.fisher,
-                              max_fisher_mb=args.max_fisher_mb, num_threads=1, info=info)
+        stats = oneshot(model, "ovit", sparsity=0.5, calib=calib, block_size=args.large_block_size, num_grads=m,
+                        damping=1e-8, dtype=args.ovit_dtype, fisher=args.fisher, max_fisher_mb=args.max_fisher_mb,
+                        num_threads=1, info=info)[1]
         total, cpu = time.perf_counter() - t0, time.process_time() - c0
     rec = {"model": "deit_small_patch16_224", "img_size": args.rd_res, "num_grads": m, "batch": args.ovit_batch,
            "block_size": args.large_block_size, "dtype": args.ovit_dtype, "chunk_bytes": 256 << 20,
@@ -441,7 +439,7 @@ def finetune(model, split, steps: int, *, lr: float, callback=None, batch_size: 
 
 def part_gradual(args) -> dict:
     """One-shot vs gradual (cubic) pruning to ``--gradual-sparsity`` with the same fine-tuning budget."""
-    from hf_prune.sparse.allocation import weight_pruning_callback_base
+    from hf_prune import MagnitudeCallback, OViTCallback
     from hf_prune.sparse.masks import get_weight_masks
 
     train_split, val, perm = mnist_splits()
@@ -458,7 +456,6 @@ def part_gradual(args) -> dict:
     ovit_opts = dict(block_size=args.block_size, num_grads=m, damping=args.damping, num_threads=1)
     sched = dict(schedule="cubic", initial=args.gradual_initial, start=0, end=args.gradual_end,
                  frequency=args.gradual_frequency)
-    Magnitude = weight_pruning_callback_base()
     variants = {
         "oViT one-shot + fine-tune": ("oneshot", "ovit"),
         "oViT gradual (cubic) + fine-tune": ("gradual", "ovit"),
@@ -472,18 +469,18 @@ def part_gradual(args) -> dict:
         after_prune = None
         if how == "oneshot":
             if method == "ovit":
-                prune_weights(model, method="ovit", sparsity=sp, calib=ov_calib, **ovit_opts)
+                oneshot(model, "ovit", sparsity=sp, calib=ov_calib, **ovit_opts)
             else:
-                prune_weights(model, method="magnitude", sparsity=sp, allocation="global")
+                oneshot(model, "magnitude", sparsity=sp, allocation="global")
             after_prune = evaluate(model, val)[0]
             finetune(model, train_split, N, lr=lr)
             events = 1
         else:
             if method == "ovit":
-                cb = ovit_mod.OViTCallback(sparsity=sp, calib=ov_calib, **sched,
-                                           **{k: v for k, v in ovit_opts.items() if k != "num_threads"})
+                cb = OViTCallback(sparsity=sp, calib=ov_calib, **sched,
+                                  **{k: v for k, v in ovit_opts.items() if k != "num_threads"})
             else:
-                cb = Magnitude(sparsity=sp, allocation="global", **sched)
+                cb = MagnitudeCallback(sparsity=sp, allocation="global", **sched)
             finetune(model, train_split, N, lr=lr, callback=cb)
             events = len(cb.events)
         sec = time.perf_counter() - t0

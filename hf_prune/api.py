@@ -19,7 +19,7 @@ from .engine.pruner import resolve_layers
 from .errors import ConfigError, PruningError
 from .registry import get_method
 
-__all__ = ["prune", "compact", "PruningError"]
+__all__ = ["prune", "oneshot", "compact", "PruningError"]
 
 
 def _check_model(model) -> None:
@@ -49,10 +49,19 @@ def prune(model: nn.Module, config: PruningConfig | str | dict | None = None, /,
     override a given config's) or options of the method's one-shot function (``compact=False`` keeps masks
     for DepGraph, ``loss_fn=`` for Taylor/oViT gradients, ...). ``example_inputs``: a batch to trace with (a
     tensor, a tuple, or a dict of keyword inputs); ``calib``: calibration batches (``{"pixel_values",
-    "labels"}`` dicts, ``(x, y)`` pairs or tensors) for the methods that need data.
+    "labels"}`` dicts, ``(x, y)`` pairs or tensors, or a DataLoader of them) for the methods that need data.
     Methods: :func:`hf_prune.list_methods` (``depgraph``, ``updp``, ``stagewise``, ``rd``, ``ovit``,
-    ``magnitude``).
+    ``magnitude``). The method record (``{"method", "settings", "stats"}``) is written onto the model.
     """
+    config, stats = oneshot(model, config, method=method, example_inputs=example_inputs, calib=calib, **options)
+    write_record(model, config, stats)
+    return model
+
+
+def oneshot(model: nn.Module, config: PruningConfig | str | dict | None = None, /, *, method: str | None = None,
+            example_inputs=None, calib=None, **options) -> tuple[PruningConfig, dict]:
+    """:func:`prune` without the record: returns the config used and everything the method measured
+    (per-layer sparsities, the allocation, the proxy accuracy of a search, ...)."""
     _check_model(model)
     if isinstance(config, str):
         if method is not None and method != config:
@@ -72,11 +81,9 @@ def prune(model: nn.Module, config: PruningConfig | str | dict | None = None, /,
     if "ignored_layers" in fields:
         fields["ignored_layers"] = resolve_layers(model, fields["ignored_layers"])
     cfg = entry.config_cls.build(config, **fields)
-    oneshot = entry.oneshot_fn
-    _check_options(entry, oneshot, runtime)
-    stats = oneshot(model, cfg, example_inputs=example_inputs, calib=calib, **runtime)
-    write_record(model, cfg, stats)
-    return model
+    run = entry.oneshot_fn
+    _check_options(entry, run, runtime)
+    return cfg, run(model, cfg, example_inputs=example_inputs, calib=calib, **runtime)
 
 
 def compact(model: nn.Module) -> nn.Module:

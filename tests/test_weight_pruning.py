@@ -12,19 +12,15 @@ from hf_prune.errors import PruningError
 from hf_prune.methods.ovit import obs as ovit
 from hf_prune.methods.rd import curves as rd
 from hf_prune import OViTCallback, RDCallback
-from hf_prune.registry import get_method
+import hf_prune.api
 from hf_prune.sparse.allocation import ALLOCATORS, allocate_erk
 from hf_prune.sparse.masks import (WeightMasks, get_weight_masks, is_nm, prunable_layers, safetensors_size,
                                    select_magnitude, select_nm, to_semi_structured)
 
 
 def oneshot(model, method, calib=None, **kwargs):
-    """A weight method's one-shot function with its config built from ``kwargs`` (the rest are its options);
-    returns the stats it computed."""
-    entry = get_method(method)
-    fields = {k: v for k, v in kwargs.items() if k in entry.config_cls.field_names()}
-    options = {k: v for k, v in kwargs.items() if k not in fields}
-    return entry.oneshot_fn(model, entry.config_cls(**fields), calib=calib, **options)
+    """One-shot pruning with ``method``; returns everything it measured."""
+    return hf_prune.api.oneshot(model, method, calib=calib, **kwargs)[1]
 
 
 def prune_weights(model, method="magnitude", **kwargs):
