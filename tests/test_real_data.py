@@ -15,7 +15,7 @@ import copy
 import pytest
 import torch
 
-PRETRAIN_STEPS, FINETUNE_STEPS = 400, 200
+PRETRAIN_STEPS, FINETUNE_STEPS = 400, 400
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
