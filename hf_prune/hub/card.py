@@ -3,7 +3,8 @@
 The template is ``templates/pruned_model.md.j2`` inside this package (installed with it); the
 repository's ``model_cards/pruned_model.md.j2`` is an identical copy for readers and editors.
 Numbers come only from the spec (parameter counts, MACs given at save time) and from the caller
-(``metrics``, measured ``speed``); nothing is estimated here.
+(``metrics``, measured ``speed``; :func:`trainer_metrics` reads a Trainer's last evaluation);
+nothing is estimated here.
 """
 from __future__ import annotations
 
@@ -14,8 +15,8 @@ from pathlib import Path
 
 from torch import nn
 
-__all__ = ["render_card", "prepare_card", "write_card", "plot_layers", "layer_widths", "hub_metadata", "is_classifier",
-           "TEMPLATE_NAME", "PLOT_NAME"]
+__all__ = ["render_card", "prepare_card", "write_card", "write_model_card", "trainer_metrics", "plot_layers",
+           "layer_widths", "hub_metadata", "is_classifier", "TEMPLATE_NAME", "PLOT_NAME"]
 
 TEMPLATE_NAME = "pruned_model.md.j2"
 PLOT_NAME = "pruned_layers.png"
@@ -237,3 +238,47 @@ def write_card(directory: Path, spec: dict, text: str, rows: list[dict]) -> Path
     path = directory / "README.md"
     path.write_text(text, encoding="utf-8")
     return path
+
+
+# What a Trainer logs with every evaluation that is not a quality metric of the model.
+_NOT_METRICS = ("loss", "runtime", "samples_per_second", "steps_per_second", "model_preparation_time", "epoch", "step")
+
+
+def trainer_metrics(log_history: list[dict], prefix: str = "eval_") -> dict:
+    """The metrics of the last evaluation in a Trainer's ``state.log_history``, without the prefix.
+
+    ``{"eval_accuracy": 0.91, "eval_loss": 0.3, "eval_runtime": 1.2}`` gives ``{"accuracy": 0.91}``:
+    loss and timings are left out (they describe the run, not the model). Non-finite values are
+    dropped with a warning, since a card publishes only finite numbers.
+    """
+    last = next((entry for entry in reversed(log_history or [])
+                 if any(k.startswith(prefix) for k in entry)), {})
+    metrics = {}
+    for key, value in last.items():
+        name = key[len(prefix):]
+        if not key.startswith(prefix) or name in _NOT_METRICS or isinstance(value, bool) \
+                or not isinstance(value, (int, float)):
+            continue
+        if not math.isfinite(value):
+            warnings.warn(f"the last evaluation logged {key}={value}; it is left out of the model card",
+                          UserWarning, stacklevel=2)
+            continue
+        metrics[name] = value
+    return metrics
+
+
+def write_model_card(model: nn.Module, directory, *, metrics=None, repo_id: str | None = None,
+                     card_data: dict | None = None, base_model: str | None = None) -> Path | None:
+    """Write the card (``README.md`` and ``pruned_layers.png``) of a pruned transformers model into ``directory``.
+
+    The card describes the structure spec on ``model.config.hf_prune`` (what ``model.save_pretrained``
+    writes to ``config.json``), so it is for folders saved by the model's own ``save_pretrained`` (e.g.
+    by ``Trainer.save_model``); :func:`hf_prune.save_pretrained` writes its card itself. Returns the
+    card's path, or None when the model carries no spec (it was not pruned, or not yet compacted).
+    """
+    spec = getattr(getattr(model, "config", None), "hf_prune", None)
+    if not isinstance(spec, dict):
+        return None
+    text, rows = prepare_card(spec, model=model, metrics=metrics, repo_id=repo_id, card_data=card_data,
+                              base_model=base_model or spec["base"].get("source"))
+    return write_card(Path(directory), spec, text, rows)

@@ -31,7 +31,8 @@ when training is over. The base then writes the method record and structure spec
 training items when not given), then on resume the state in ``checkpoint-<t>/hf_prune_state.json``;
 ``on_step_begin`` → ``plan``/``apply``; ``on_pre_optimizer_step`` → ``gradients``; ``on_optimizer_step``
 → ``enforce``; ``on_log`` adds ``prune/*``; ``on_save`` writes the state; ``on_train_end`` →
-``finalize`` and the record.
+``finalize`` and the record; ``on_push_begin`` makes the card ``Trainer.push_to_hub`` writes hf_prune's
+(:func:`use_pruning_card`).
 
 **Plain loops** (accelerate, no Trainer) call the same machinery::
 
@@ -72,7 +73,67 @@ from .state import STATE_NAME, STATE_VERSION, example_inputs_from_dataloader, re
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["PruningCallback", "ScheduledPruningCallback"]
+__all__ = ["PruningCallback", "ScheduledPruningCallback", "use_pruning_card"]
+
+
+def _calling_instance(cls: type, limit: int = 10):
+    """The nearest ``self`` of type ``cls`` among the calling frames (the Trainer, its CallbackHandler), or None."""
+    frame = sys._getframe(2)
+    for _ in range(limit):
+        if frame is None:
+            return None
+        found = frame.f_locals.get("self")
+        if isinstance(found, cls):
+            return found
+        frame = frame.f_back
+    return None
+
+
+def _first(value):
+    """The first of the Trainer's card arguments that may be lists (the card names one dataset)."""
+    return value[0] if isinstance(value, (list, tuple)) and value else value
+
+
+def use_pruning_card(trainer) -> None:
+    """Make ``trainer.create_model_card`` write hf_prune's model card for a pruned model.
+
+    ``Trainer.push_to_hub`` saves the model, writes ``README.md`` with ``create_model_card`` and uploads
+    ``output_dir``. Once the model carries its structure spec (the callback has finished), the card
+    written there is hf_prune's (:func:`hf_prune.hub.card.write_model_card`): what was pruned and how, how
+    to load it with ``AutoPrunedModel``, and the metrics of the Trainer's last evaluation. The
+    ``create_model_card`` arguments still apply (``dataset``/``dataset_tags``/``dataset_args`` name the
+    dataset of those metrics, ``finetuned_from`` the base model; ``tags``, ``license``, ``language``). Before
+    that, and for models without a spec, the Trainer's own card is written. Only this Trainer instance is
+    changed, once.
+    """
+    own = trainer.create_model_card
+    if getattr(own, "hf_prune_card", False):
+        return
+
+    def create_model_card(language=None, license=None, tags=None, model_name=None, finetuned_from=None, tasks=None,
+                          dataset_tags=None, dataset=None, dataset_args=None, **kwargs):
+        model = unwrap(trainer.model)
+        if not isinstance(getattr(getattr(model, "config", None), "hf_prune", None), dict):
+            return own(language=language, license=license, tags=tags, model_name=model_name,
+                       finetuned_from=finetuned_from, tasks=tasks, dataset_tags=dataset_tags, dataset=dataset,
+                       dataset_args=dataset_args, **kwargs)
+        if not trainer.is_world_process_zero():
+            return None
+        from ..hub.card import trainer_metrics, write_model_card
+
+        card_data = {k: v for k, v in (("language", language), ("license", license)) if v}
+        if tags:
+            card_data["tags"] = [tags] if isinstance(tags, str) else list(tags)
+        if dataset or dataset_tags:
+            card_data["dataset"] = {k: v for k, v in (("name", _first(dataset)), ("type", _first(dataset_tags)),
+                                                      ("config", _first(dataset_args))) if v}
+        write_model_card(model, trainer.args.output_dir, metrics=trainer_metrics(trainer.state.log_history),
+                         repo_id=getattr(trainer, "hub_model_id", None), card_data=card_data,
+                         base_model=_first(finetuned_from))
+        return None
+
+    create_model_card.hf_prune_card = True
+    trainer.create_model_card = create_model_card
 
 
 class PruningCallback(TrainerCallback):
@@ -246,17 +307,11 @@ class PruningCallback(TrainerCallback):
         """
         from transformers.trainer_callback import CallbackHandler
 
-        frame = sys._getframe(1)
-        for _ in range(8):  # the event method, maybe a subclass's override, then the handler's call_event
-            frame = frame.f_back
-            if frame is None:
-                return
-            handler = frame.f_locals.get("self")
-            if isinstance(handler, CallbackHandler):
-                if handler.callbacks[0] is not self and any(cb is self for cb in handler.callbacks):
-                    handler.callbacks.remove(self)
-                    handler.callbacks.insert(0, self)
-                return
+        # the event method, maybe a subclass's override, then the handler's call_event
+        handler = _calling_instance(CallbackHandler)
+        if handler is not None and handler.callbacks[0] is not self and any(cb is self for cb in handler.callbacks):
+            handler.callbacks.remove(self)
+            handler.callbacks.insert(0, self)
 
     def on_init_end(self, args, state, control, model=None, **kwargs):
         self._run_first()
@@ -332,6 +387,14 @@ class PruningCallback(TrainerCallback):
 
     def on_train_end(self, args, state, control, **kwargs):
         self.finish()
+
+    def on_push_begin(self, args, state, control, **kwargs):
+        # Trainer.push_to_hub (the caller of this event) writes its own card after saving: make it ours.
+        from transformers import Trainer
+
+        trainer = _calling_instance(Trainer)
+        if trainer is not None:
+            use_pruning_card(trainer)
 
 
 class ScheduledPruningCallback(PruningCallback):
