@@ -6,6 +6,7 @@
     hf-prune profile MODEL [--image-size N] [--batch-size N] [--json]
     hf-prune demo [--quick] [--output DIR] [--json]
     hf-prune export MODEL --output model.onnx [--opset N] [--exporter auto|dynamo|torchscript]
+    hf-prune train MODEL --dataset DATA --output-dir DIR [--method NAME] [...] [any TrainingArguments flag]
 
 ``MODEL`` is a timm model name (``resnet18``; built with random weights unless ``--pretrained``),
 a local directory holding a transformers ``config.json`` (weights are loaded when the directory
@@ -123,6 +124,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", parents=[common], help=export_cmd.HELP, description=export_cmd.DESCRIPTION)
     export_cmd.add_arguments(p)
     p.set_defaults(func=export_cmd.run)
+
+    from . import train as train_cmd  # its own module; its parser (with the Trainer's flags) is built when it runs
+
+    p = sub.add_parser("train", parents=[common], add_help=False, help=train_cmd.HELP,
+                       description=train_cmd.DESCRIPTION)
+    p.set_defaults(func=train_cmd.run, takes_extra_args=True)
     return parser
 
 
@@ -356,9 +363,12 @@ def main(argv: list[str] | None = None) -> int:
     """Run ``hf-prune`` with ``argv`` (default: ``sys.argv[1:]``); return the exit status."""
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        args, extra = parser.parse_known_args(argv)
+        if extra and not getattr(args, "takes_extra_args", False):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     except SystemExit as exc:  # --help, --version, usage errors (argparse prints the message)
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    args.extra_args = extra  # `train` parses its own arguments (and the Trainer's) from these
     debug = getattr(args, "debug", False)
     restore = None if debug else _short_warnings()
     threads = getattr(args, "threads", None)
