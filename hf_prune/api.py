@@ -48,10 +48,18 @@ def prune(model: nn.Module, config: PruningConfig | str | dict | None = None, /,
     arguments are the config's fields (``target_macs=0.5``, ``num_blocks=3``, ``sparsity=0.6``, ...; they
     override a given config's) or options of the method's one-shot function (``compact=False`` keeps masks
     for DepGraph, ``loss_fn=`` for Taylor/oViT gradients, ...). ``example_inputs``: a batch to trace with (a
-    tensor, a tuple, or a dict of keyword inputs); ``calib``: calibration batches (``{"pixel_values",
-    "labels"}`` dicts, ``(x, y)`` pairs or tensors, or a DataLoader of them) for the methods that need data.
+    tensor, a tuple, or a dict of keyword inputs).
     Methods: :func:`hf_prune.list_methods` (``depgraph``, ``updp``, ``stagewise``, ``rd``, ``ovit``,
     ``magnitude``). The method record (``{"method", "settings", "stats"}``) is written onto the model.
+
+    ``calib``, calibration data for the methods that need it (``rd``, ``ovit``, ``stagewise``; ``depgraph``
+    with ``importance="taylor"``), is an iterable of batches — a list or a ``torch.utils.data.DataLoader`` —
+    where each batch is a dict ``{"pixel_values": x, "labels": y}`` (``"label"`` works too; other keys are
+    passed to the model) or an ``(x, y)`` pair; a list of one batch for one batch. Labels are needed by what
+    computes a loss or an accuracy (``ovit``, ``stagewise``, Taylor); ``rd``'s distortion curves take bare
+    input tensors too. Every method reads only the first few batches, so a whole training DataLoader is fine:
+    ``rd`` reads ``max_batches`` (default 16), ``ovit`` ``num_grads`` (default 64, one gradient per batch; a
+    shorter ``calib`` is read again), ``stagewise`` ``calib_batches`` (default 8), Taylor importance 8.
     """
     config, stats = oneshot(model, config, method=method, example_inputs=example_inputs, calib=calib, **options)
     write_record(model, config, stats)

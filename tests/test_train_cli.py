@@ -86,7 +86,9 @@ def assert_reproduces_report(out: Path, x, y):
 @pytest.mark.parametrize("method", list_methods())
 def test_train_every_method_saves_a_model_that_reloads_and_reproduces_its_report(method, tiny, tmp_path, capsys):
     out = tmp_path / "out"
-    code = main(["train", tiny, "--method", method, "--output-dir", str(out), *RUN, *set_flags(settings(method))])
+    finetune = [] if get_method(method).kind == "weights" else ["--finetune-steps", "2"]  # the pruned model trains on
+    code = main(["train", tiny, "--method", method, "--output-dir", str(out), *RUN, *finetune,
+                 *set_flags(settings(method))])
     captured = capsys.readouterr()
     assert code == 0, captured.err[-3000:]
     assert f"saved to {out}" in captured.out
@@ -94,6 +96,7 @@ def test_train_every_method_saves_a_model_that_reloads_and_reproduces_its_report
     config = get_method(method).config_cls(**settings(method))
     assert PruningConfig.from_pretrained(out) == config and result["config"] == config.to_dict()
     assert result["steps"] == 4 and result["train_items"] == 256 and result["world_size"] == 1
+    assert result["finetune_steps"] == (2 if finetune else 0)
     if get_method(method).kind == "weights":
         assert result["stats"]["global_sparsity"] == pytest.approx(settings(method)["sparsity"], abs=0.02)
     else:

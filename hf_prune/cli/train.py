@@ -34,6 +34,7 @@ only when the command runs.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -448,10 +449,6 @@ def accuracy(prediction) -> dict:
 # ------------------------------------------------------------------------------------------------ the run
 
 
-def _train_argv(args) -> list[str]:
-    return list(getattr(args, "extra_args", None) or [])
-
-
 def _resume_point(training):
     value = training.resume_from_checkpoint
     if isinstance(value, str) and value.lower() in ("true", "last"):
@@ -467,13 +464,23 @@ def _resume_point(training):
 def run(args, out) -> int:
     """Run ``hf-prune train`` with the arguments after ``train`` (``args.extra_args``); 0 on success."""
     try:
-        training, opts = parse(_train_argv(args))
+        training, opts = parse(list(getattr(args, "extra_args", None) or []))
     except SystemExit as exc:  # --help, or a usage error argparse has printed
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     entry, config = method_config(opts)
     if opts.push_repo:
         hub_api("pushing the pruned model")  # fail before the slow part
-    from transformers import Trainer, set_seed
+    # With --json, stdout carries only the result: the Trainer's printed logs go to stderr.
+    with contextlib.redirect_stdout(sys.stderr) if opts.json else contextlib.nullcontext():
+        result = _train(entry, config, training, opts)
+    if result is not None:
+        _report(result, opts, out)
+    return EXIT_OK
+
+
+def _train(entry, config, training, opts) -> dict | None:
+    """Train, prune, evaluate and save (see the module docstring); the result on the main process, else None."""
+    from transformers import set_seed
 
     set_seed(training.seed)
     data = load_data(opts, training.seed)
@@ -491,19 +498,25 @@ def run(args, out) -> int:
         raise CLIError(f"the {entry.name} callback left the model in its training form (a setting such as "
                        "compact_at_end / merge_at_end / search_at_end is false): hf-prune train saves the pruned "
                        "model, so leave those at their defaults")
-    last = trainer
-    if opts.finetune_steps:
-        tuning = dataclasses.replace(training, max_steps=opts.finetune_steps, resume_from_checkpoint=None,
-                                     output_dir=os.path.join(training.output_dir, "finetune"))
-        last = Trainer(model=model, args=tuning, train_dataset=train_set, eval_dataset=eval_set,
-                       compute_metrics=accuracy)
-        last.train()
-    after = last.evaluate()
+    after = (_finetune(model, training, opts.finetune_steps, train_set, eval_set) if opts.finetune_steps
+             else trainer).evaluate()
+    if not trainer.is_world_process_zero():
+        return None
     result = _results(opts, config, training, data, callback, trainer, before, after)
-    if trainer.is_world_process_zero():
-        _save(model, opts, training, data, processor, result)
-        _report(result, opts, out)
-    return EXIT_OK
+    _save(model, opts, training, data, processor, result)
+    return result
+
+
+def _finetune(model, training, steps: int, train_set, eval_set):
+    """Train the pruned model ``steps`` more steps with a plain Trainer (its checkpoints under ``finetune/``)."""
+    from transformers import Trainer
+
+    tuning = dataclasses.replace(training, max_steps=steps, resume_from_checkpoint=None,
+                                 output_dir=os.path.join(training.output_dir, "finetune"))
+    trainer = Trainer(model=model, args=tuning, train_dataset=train_set, eval_dataset=eval_set,
+                      compute_metrics=accuracy)
+    trainer.train()
+    return trainer
 
 
 def _results(opts, config, training, data, callback, trainer, before: dict, after: dict) -> dict:
@@ -521,14 +534,12 @@ def _save(model, opts, training, data, processor, result: dict) -> None:
     save_pretrained, push_to_hub, _ = hub_api("saving the pruned model")
     card = {"metrics": {"accuracy": result["after"]["accuracy"]}, "card_data": {"dataset": data.card},
             "image_processor": processor}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # a dataset without a Hub id: its metric stays out of model-index
-        if opts.push_repo:
-            commit = push_to_hub(model, opts.push_repo, save_dir=training.output_dir, token=training.hub_token,
-                                 private=bool(training.hub_private_repo), **card)
-            result["pushed_to"] = str(getattr(commit, "commit_url", None) or opts.push_repo)
-        else:
-            save_pretrained(model, training.output_dir, **card)
+    if opts.push_repo:  # saves into output_dir and uploads those files: one save, the same files
+        commit = push_to_hub(model, opts.push_repo, save_dir=training.output_dir, token=training.hub_token,
+                             private=bool(training.hub_private_repo), **card)
+        result["pushed_to"] = str(getattr(commit, "commit_url", None) or opts.push_repo)
+    else:
+        save_pretrained(model, training.output_dir, **card)
     result["files"] = sorted(p.name for p in Path(training.output_dir).iterdir() if p.is_file())
     Path(training.output_dir, RESULTS_NAME).write_text(json.dumps(result, indent=2) + "\n")
 

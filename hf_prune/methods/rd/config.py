@@ -16,8 +16,9 @@ class RDConfig(WeightPruningConfig):
 
     ``grid``: sparsity points per curve (evenly spaced on ``[0, max_sparsity]``); ``reduction``: distortion
     over the calibration samples, ``"max"`` (worst case, as in the authors' runs) or ``"mean"``;
-    ``max_batches``: calibration batches used for the curves (None: all); ``max_states``: budget columns
-    of the DP table (its quantisation). Calibration data (``calib=``) are required. Other fields:
+    ``max_batches``: calibration batches used for the curves (default 16: every curve point runs all of
+    them, and the paper used 256 ImageNet / 1,024 CIFAR images; None: all of ``calib``); ``max_states``:
+    budget columns of the DP table (its quantisation). Calibration data (``calib=``) are required. Other fields:
     :class:`~hf_prune.sparse.config.WeightPruningConfig`.
     """
 
@@ -26,7 +27,7 @@ class RDConfig(WeightPruningConfig):
     grid: int = 21
     reduction: str = "max"
     max_sparsity: float = 1.0
-    max_batches: int | None = None
+    max_batches: int | None = 16
     max_states: int = 131072
 
     def validate(self) -> None:
