@@ -224,3 +224,41 @@ def test_timm_name_is_preprocessed_by_timm_at_the_requested_size():
     mean, std = processor.data_config["mean"], processor.data_config["std"]
     assert torch.allclose(x[0, :, 24, 24], (torch.tensor([1.0, 0.0, 0.0]) - torch.tensor(mean)) / torch.tensor(std))
     assert model(pixel_values=x).logits.shape == (2, 10)
+
+
+# ------------------------------------------------------------------------------------------ data
+
+
+def test_image_folder_and_saved_dataset(tmp_path):
+    """An image folder (one sub-folder per class; held-out items split off) and a ``save_to_disk`` dataset whose
+    labels are strings and whose columns have other names (its own test split; labels indexed in sorted order)."""
+    import datasets
+    import numpy as np
+    from PIL import Image
+
+    for cls, colour in (("cat", 40), ("dog", 200)):
+        (tmp_path / "photos" / cls).mkdir(parents=True)
+        for i in range(5):
+            Image.fromarray(np.full((12, 10, 3), colour + i, np.uint8)).save(tmp_path / "photos" / cls / f"{i}.png")
+    _, opts = train_cmd.parse(["m", "--output-dir", "o", "--dataset", str(tmp_path / "photos"), "--val-fraction", "0.2"])
+    data = train_cmd.load_data(opts, seed=0)
+    assert data.labels == ["cat", "dog"] and (len(data.train), len(data.eval)) == (8, 2)
+    assert data.card == {"name": "photos", "split": "0.2 of train"}
+    batch = train_cmd.with_preprocessing(data.train, lambda images: torch.stack(
+        [torch.as_tensor(np.array(im), dtype=torch.float32).mean() for im in images]), None)[:8]
+    dark = batch["pixel_values"] < 100  # the images' own colours: cats are dark, dogs bright
+    assert torch.equal(batch["labels"], (~dark).long())
+
+    table = {"img": [np.full((4, 4), v, np.uint8) for v in (0, 255, 0, 255)], "kind": ["b", "w", "b", "w"]}
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict(table), "test": datasets.Dataset.from_dict(
+        {"img": table["img"][:2], "kind": ["w", "b"]})}).save_to_disk(tmp_path / "saved")
+    _, opts = train_cmd.parse(["m", "--output-dir", "o", "--dataset", str(tmp_path / "saved"), "--label-column",
+                               "kind"])
+    data = train_cmd.load_data(opts, seed=0)
+    assert data.labels == ["b", "w"] and data.label_index == {"b": 0, "w": 1} and data.card["split"] == "test"
+    held_out = train_cmd.with_preprocessing(data.eval, lambda images: torch.stack(
+        [torch.as_tensor(np.array(im), dtype=torch.float32).mean() for im in images]), data.label_index)[:2]
+    assert held_out["labels"].tolist() == [1, 0] and held_out["pixel_values"].tolist() == [0.0, 255.0]
+    _, opts = train_cmd.parse(["m", "--output-dir", "o", "--dataset", str(tmp_path / "saved"), "--label-column", "x"])
+    with pytest.raises(train_cmd.CLIError, match="--label-column x"):
+        train_cmd.load_data(opts, seed=0)

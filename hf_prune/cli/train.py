@@ -251,9 +251,10 @@ def _columns(train, opts) -> tuple[str, str]:
     image = opts.image_column or next((c for c in IMAGE_COLUMNS if c in names), None)
     label = opts.label_column or next((c for c in LABEL_COLUMNS if c in names), None)
     for flag, col in (("--image-column", image), ("--label-column", label)):
-        if col is None or col not in names:
-            raise CLIError(f"{flag} {col or ''}: {opts.dataset} has the columns {names}; name the "
-                           f"{flag[2:].replace('-', ' ')} with {flag}".replace(" :", ":"))
+        if col is None:
+            raise CLIError(f"{opts.dataset} has the columns {names}: name the {flag[2:].replace('-', ' ')} with {flag}")
+        if col not in names:
+            raise CLIError(f"{flag} {col}: {opts.dataset} has the columns {names}")
     return image, label
 
 
