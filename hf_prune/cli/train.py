@@ -43,7 +43,8 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from .common import EXIT_OK, EXIT_USAGE, CLIError, hub_api, load_model, one_line
+from .common import (EXIT_OK, EXIT_USAGE, CLIError, hub_api, load_model, non_negative_int, number, one_line,
+                     positive_int)
 
 HELP = "prune while fine-tuning with transformers.Trainer (any method), then save / push"
 DESCRIPTION = ("Fine-tune MODEL on DATA with a pruning method's callback (every registered method: its config, "
@@ -75,13 +76,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     prune.add_argument("--config", metavar="FILE",
                        help="the method's settings: a file written by PruningConfig.save_pretrained, or the folder / "
                             "Hub repo of a model pruned by hf_prune; the flags below override its fields")
-    prune.add_argument("--target-macs", type=float, metavar="F", help="fraction of the dense MACs to keep, in (0, 1]")
-    prune.add_argument("--sparsity", type=float, metavar="F", help="fraction of the prunable weights to remove")
-    prune.add_argument("--num-blocks", type=int, metavar="K", help="updp: number of blocks to merge")
+    prune.add_argument("--target-macs", type=number, metavar="F", help="fraction of the dense MACs to keep, in (0, 1]")
+    prune.add_argument("--sparsity", type=number, metavar="F", help="fraction of the prunable weights to remove")
+    prune.add_argument("--num-blocks", type=positive_int, metavar="K", help="updp: number of blocks to merge")
     prune.add_argument("--set", dest="set_fields", action="append", default=[], metavar="FIELD=VALUE",
                        help="any field of the method's config (repeatable); VALUE is JSON (0.5, true, null, "
                             "[0.5, 1.0]) or a word: --set schedule=linear --set end=0.5")
-    prune.add_argument("--finetune-steps", type=int, default=0, metavar="N",
+    prune.add_argument("--finetune-steps", type=non_negative_int, default=0, metavar="N",
                        help="train the pruned model N more steps after pruning (structured and depth methods)")
     data = parser.add_argument_group("data")
     data.add_argument("--dataset", required=True, metavar="DATA",
@@ -92,14 +93,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--eval-split", metavar="SPLIT",
                       help="when not given: validation / valid / val / test, else --val-fraction of the training "
                            "split")
-    data.add_argument("--val-fraction", type=float, default=0.2, metavar="F",
+    data.add_argument("--val-fraction", type=number, default=0.2, metavar="F",
                       help="held-out fraction when there is no evaluation split")
     data.add_argument("--image-column", metavar="NAME", help=f"when not given: the first of {', '.join(IMAGE_COLUMNS)}")
     data.add_argument("--label-column", metavar="NAME", help=f"when not given: the first of {', '.join(LABEL_COLUMNS)}")
-    data.add_argument("--max-train-samples", type=int, metavar="N")
-    data.add_argument("--max-eval-samples", type=int, metavar="N")
+    data.add_argument("--max-train-samples", type=positive_int, metavar="N")
+    data.add_argument("--max-eval-samples", type=positive_int, metavar="N")
     model = parser.add_argument_group("model")
-    model.add_argument("--image-size", type=int, metavar="N",
+    model.add_argument("--image-size", type=positive_int, metavar="N",
                        help="input size of a model built from a timm name or a config without weights")
     model.add_argument("--pretrained", action="store_true",
                        help="timm names: load timm/<name> from the Hub (else: random weights)")
@@ -180,8 +181,6 @@ def method_config(opts):
         config = entry.config_cls.build(base, **fields)
     except ConfigError as exc:
         raise CLIError(one_line(exc)) from None
-    if opts.finetune_steps < 0:
-        raise CLIError(f"--finetune-steps {opts.finetune_steps}: expected an integer >= 0")
     if opts.finetune_steps and entry.kind == "weights":
         raise CLIError(f"--finetune-steps with --method {name}: a separate fine-tuning would let the pruned weights "
                        "grow back. Weight methods recover inside their schedule: training goes on at the final "
