@@ -266,3 +266,14 @@ def test_image_folder_and_saved_dataset(tmp_path):
     _, opts = train_cmd.parse(["m", "--output-dir", "o", "--dataset", str(tmp_path / "saved"), "--label-column", "x"])
     with pytest.raises(train_cmd.CLIError, match="--label-column x"):
         train_cmd.load_data(opts, seed=0)
+
+
+def test_trainers_script_is_hf_prune_train():
+    """``trainers/train.py`` (for launchers that take a file) is the same program as ``hf-prune train``."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "trainers" / "train.py"
+    run = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and run.stdout.startswith("usage: hf-prune train")
