@@ -6,7 +6,6 @@ to ``rank<k>.json`` in the directory given as argv[1].
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import sys
@@ -17,19 +16,11 @@ import torch
 torch.set_num_threads(1)
 
 
-def weights_hash(model) -> str:
-    h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
-        h.update(name.encode())
-        h.update(str(tuple(t.shape)).encode())
-        h.update(t.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
-
-
 def main(out_dir: str) -> None:
     from accelerate import PartialState
 
     import test_contract as contract
+    from distributed_worker import weights_hash
     from hf_prune.registry import list_methods
 
     state = PartialState(cpu=True)

@@ -289,3 +289,40 @@ def number(text: str) -> float:
         return float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+
+
+# the method's config from the command line
+
+
+TARGET_FLAGS = {"target_macs": "--target-macs", "sparsity": "--sparsity", "num_blocks": "--num-blocks"}
+
+
+def method_config(config_path, method, fields: dict, flags: dict):
+    """``(registry entry, config)`` from ``--config FILE``, ``--method NAME`` and flag values ``fields``
+    (``{field: value}``; ``flags`` names the flag of each field for messages). Errors are ``CLIError``s
+    naming the flag, raised before any model is loaded."""
+    from ..config import PruningConfig
+    from ..errors import ConfigError
+    from ..registry import get_method
+
+    try:
+        base = PruningConfig.from_pretrained(config_path) if config_path else None
+        name = method or (base.method if base is not None else "depgraph")
+        if base is not None and base.method != name:
+            raise CLIError(f"--method {name} but --config {config_path} is for method {base.method!r}")
+        entry = get_method(name)
+        takes = entry.config_cls.field_names()
+        wrong = [flags[k] for k in fields if k not in takes and k in flags]
+        if wrong:
+            raise CLIError(f"--method {name} does not take {', '.join(wrong)}; it takes "
+                           f"{', '.join(f for k, f in flags.items() if k in takes) or 'no flags'} "
+                           "(and any field with --config)")
+        return entry, entry.config_cls.build(base, **fields)
+    except ConfigError as exc:
+        message = one_line(exc)
+        flag = next((f for k, f in flags.items() if message.startswith(f"{k}=")), None)
+        if flag:
+            message = f"{flag}: {message}"
+        elif base is None and not any(k in fields for k in TARGET_FLAGS):
+            message = f"give the target (--target-macs F, --sparsity F, or --config FILE): {message}"
+        raise CLIError(message) from None

@@ -28,8 +28,8 @@ import sys
 import time
 from typing import Any
 
-from .common import (EXIT_FAILURE, EXIT_OK, EXIT_USAGE, CLIError, hub_api, load_model, non_negative_int, number,
-                     one_line, positive_int)
+from .common import (EXIT_FAILURE, EXIT_OK, EXIT_USAGE, TARGET_FLAGS, CLIError, hub_api, load_model, method_config,
+                     non_negative_int, number, one_line, positive_int)
 
 __all__ = ["main", "build_parser"]
 
@@ -161,42 +161,20 @@ def _input_shape(inputs) -> list[int]:
 # ------------------------------------------------------------------------------------------------
 
 
-_FLAGS = {"target_macs": "--target-macs", "sparsity": "--sparsity", "num_blocks": "--num-blocks",
-          "importance": "--importance", "mode": "--mode", "round_to": "--round-to", "prune_stem": "--prune-stem"}
+_FLAGS = {**TARGET_FLAGS, "importance": "--importance", "mode": "--mode", "round_to": "--round-to",
+          "prune_stem": "--prune-stem"}
 
 
 def _method_config(args):
     """The method's config from ``--config`` and the flags, checked before any model is loaded."""
-    from ..config import PruningConfig
-    from ..errors import ConfigError
-    from ..registry import get_method
-
-    try:
-        base = PruningConfig.from_pretrained(args.config) if args.config else None
-        name = args.method or (base.method if base is not None else "depgraph")
-        if base is not None and base.method != name:
-            raise CLIError(f"--method {name} but --config {args.config} is for method {base.method!r}")
-        entry = get_method(name)
-        fields = {k: getattr(args, k) for k in _FLAGS if getattr(args, k) is not None}
-        if "round_to" in fields:
-            fields["round_to"] = fields["round_to"] or None
-        unknown = [k for k in fields if k not in entry.config_cls.field_names()]
-        if unknown:
-            takes = [f for k, f in _FLAGS.items() if k in entry.config_cls.field_names()]
-            raise CLIError(f"--method {name} does not take {', '.join(_FLAGS[k] for k in unknown)}; it takes "
-                           f"{', '.join(takes) or 'no flags'} (and any field with --config)")
-        if base is None and not any(k in fields for k in ("target_macs", "sparsity", "num_blocks")) \
-                and entry.name != "updp":
-            raise CLIError(f"give the target: --target-macs F or --sparsity F (or --config FILE) for --method {name}")
-        config = entry.config_cls.build(base, **fields)
-    except ConfigError as exc:
-        message = one_line(exc)
-        flag = next((f for k, f in _FLAGS.items() if message.startswith(f"{k}=")), None)
-        raise CLIError(f"{flag}: {message}" if flag else message) from None
+    fields = {k: getattr(args, k) for k in _FLAGS if getattr(args, k) is not None}
+    if "round_to" in fields:
+        fields["round_to"] = fields["round_to"] or None
+    entry, config = method_config(args.config, args.method, fields, _FLAGS)
     if entry.needs_calib:
-        raise CLIError(f"--method {name} needs calibration data, which `hf-prune prune` does not take: use "
-                       f"`hf-prune train --method {name}` (it takes a dataset) or hf_prune.prune(model, "
-                       f"{name!r}, ..., calib=batches) in Python")
+        raise CLIError(f"--method {entry.name} needs calibration data, which `hf-prune prune` does not take: use "
+                       f"`hf-prune train --method {entry.name}` (it takes a dataset) or hf_prune.prune(model, "
+                       f"{entry.name!r}, ..., calib=batches) in Python")
     return config
 
 

@@ -43,8 +43,8 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from .common import (EXIT_OK, EXIT_USAGE, CLIError, hub_api, load_model, non_negative_int, number, one_line,
-                     positive_int)
+from .common import (EXIT_OK, EXIT_USAGE, TARGET_FLAGS, CLIError, hub_api, load_model, method_config,
+                     non_negative_int, number, one_line, positive_int)
 
 HELP = "prune while fine-tuning with transformers.Trainer (any method), then save / push"
 DESCRIPTION = ("Fine-tune MODEL on DATA with a pruning method's callback (every registered method: its config, "
@@ -59,7 +59,6 @@ BUILTIN = {"builtin:digits": ("sklearn", 8, "scikit-learn digits"), "builtin:mni
 IMAGE_COLUMNS = ("image", "img", "pixel_values", "images")
 LABEL_COLUMNS = ("label", "labels", "fine_label", "class")
 EVAL_SPLITS = ("validation", "valid", "val", "test")
-TARGET_FLAGS = {"target_macs": "--target-macs", "sparsity": "--sparsity", "num_blocks": "--num-blocks"}
 RESULTS_NAME = "prune_results.json"
 
 
@@ -155,36 +154,19 @@ def _field_value(text: str):
         return text  # a word: --set schedule=linear
 
 
-def method_config(opts):
+def train_config(opts):
     """``(registry entry, config)`` from ``--config``, ``--method``, the target flags and ``--set``."""
-    from ..config import PruningConfig
-    from ..errors import ConfigError
-    from ..registry import get_method
-
-    try:
-        base = PruningConfig.from_pretrained(opts.config) if opts.config else None
-        name = opts.method or (base.method if base is not None else "depgraph")
-        if base is not None and base.method != name:
-            raise CLIError(f"--method {name} but --config {opts.config} is for method {base.method!r}")
-        entry = get_method(name)
-        fields = {k: getattr(opts, k) for k in TARGET_FLAGS if getattr(opts, k) is not None}
-        takes = entry.config_cls.field_names()
-        wrong = [TARGET_FLAGS[k] for k in fields if k not in takes]
-        if wrong:
-            raise CLIError(f"--method {name} does not take {', '.join(wrong)}; its targets are "
-                           f"{', '.join(f for k, f in TARGET_FLAGS.items() if k in takes) or 'set with --set'}")
-        for item in opts.set_fields:
-            key, sep, value = item.partition("=")
-            if not sep or not key:
-                raise CLIError(f"--set {item!r}: expected FIELD=VALUE, e.g. --set schedule=linear")
-            fields[key.strip().replace("-", "_")] = _field_value(value)
-        config = entry.config_cls.build(base, **fields)
-    except ConfigError as exc:
-        raise CLIError(one_line(exc)) from None
+    fields = {k: getattr(opts, k) for k in TARGET_FLAGS if getattr(opts, k) is not None}
+    for item in opts.set_fields:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise CLIError(f"--set {item!r}: expected FIELD=VALUE, e.g. --set schedule=linear")
+        fields[key.strip().replace("-", "_")] = _field_value(value)
+    entry, config = method_config(opts.config, opts.method, fields, TARGET_FLAGS)
     if opts.finetune_steps and entry.kind == "weights":
-        raise CLIError(f"--finetune-steps with --method {name}: a separate fine-tuning would let the pruned weights "
-                       "grow back. Weight methods recover inside their schedule: training goes on at the final "
-                       "sparsity after the schedule's end (e.g. --set end=0.5)")
+        raise CLIError(f"--finetune-steps with --method {entry.name}: a separate fine-tuning would let the pruned "
+                       "weights grow back. Weight methods recover inside their schedule: training goes on at the "
+                       "final sparsity after the schedule's end (e.g. --set end=0.5)")
     return entry, config
 
 
@@ -473,7 +455,7 @@ def run(args, out) -> int:
         training, opts = parse(list(getattr(args, "extra_args", None) or []))
     except SystemExit as exc:  # --help, or a usage error argparse has printed
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
-    entry, config = method_config(opts)
+    entry, config = train_config(opts)
     if opts.push_repo:
         hub_api("pushing the pruned model")  # fail before the slow part
     # With --json, stdout carries only the result: the Trainer's printed logs go to stderr.
