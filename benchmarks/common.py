@@ -109,9 +109,10 @@ def header_md(title: str, info: dict, notes: list[str] = ()) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_results(stem: str, markdown: str, data: Any) -> tuple[Path, Path]:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    md, js = RESULTS / f"{stem}.md", RESULTS / f"{stem}.json"
+def write_results(stem: str, markdown: str, data: Any, directory: Path | None = None) -> tuple[Path, Path]:
+    directory = Path(directory or RESULTS)
+    directory.mkdir(parents=True, exist_ok=True)
+    md, js = directory / f"{stem}.md", directory / f"{stem}.json"
     md.write_text(markdown)
     js.write_text(json.dumps(data, indent=1, default=str) + "\n")
     return md, js
@@ -223,12 +224,15 @@ def _sync(device: torch.device | str) -> None:
 
 def time_interleaved(variants: dict[str, tuple[nn.Module, Any]], *, warmup: int, iters: int,
                      device: str = "cpu", autocast_dtype: torch.dtype | None = None,
-                     progress: Callable[[str], None] | None = None) -> dict[str, list[float]]:
+                     progress: Callable[[str], None] | None = None,
+                     clock: Callable[[], float] = time.perf_counter) -> dict[str, list[float]]:
     """Latency in ms of each ``name -> (model, inputs)``, timed round-robin in one process.
 
     Every round runs each variant once, so slow drifts of a shared machine (other jobs, clock
     changes) hit all variants alike; the caller takes the median per variant. Eval mode,
     ``torch.inference_mode``; on CUDA the clock is read after ``torch.cuda.synchronize``.
+    ``clock=time.thread_time`` (CPU, one intra-op thread) times the work of the calling thread, which
+    waiting for a core on a loaded machine does not inflate.
     """
     times: dict[str, list[float]] = {k: [] for k in variants}
     for _, (m, _) in variants.items():
@@ -239,10 +243,10 @@ def time_interleaved(variants: dict[str, tuple[nn.Module, Any]], *, warmup: int,
         for r in range(warmup + iters):
             for name, (m, x) in variants.items():
                 _sync(device)
-                t0 = time.perf_counter()
+                t0 = clock()
                 forward(m, x)
                 _sync(device)
-                dt = (time.perf_counter() - t0) * 1000.0
+                dt = (clock() - t0) * 1000.0
                 if r >= warmup:
                     times[name].append(dt)
             if progress:
@@ -462,3 +466,28 @@ def tp_prune(model: nn.Module, inputs: Any, pruning_ratio: float = 0.3, round_to
         timings["graph_s"] = t1 - t0
         timings["step_s"] = t2 - t1
     return model
+
+
+# ------------------------------------------------------------------------------------------------
+# hf_prune with a latency target
+# ------------------------------------------------------------------------------------------------
+
+
+def latency_prune(model: nn.Module, inputs: Any, target_latency: float, *, batch_size: int = 1, device=None,
+                  dtype: torch.dtype | None = None, round_to: int | str | None = 8, **options) -> dict:
+    """hf_prune to ``target_latency`` of the dense latency measured on ``device`` at ``batch_size`` and
+    ``dtype`` (in the layout of ``inputs``), in place and compacted, through the engine the one-shot
+    ``prune`` uses (with its repairs). ``options`` go to :class:`hf_prune.engine.latency.LatencyModel`
+    (``grid``, ``timer``, ``verify_seconds``). Returns the plan's latency report (predicted, measured,
+    corrected)."""
+    from hf_prune.engine.pruner import StructuredPruner, with_repairs
+
+    def build(frozen_modules, frozen_splits):
+        return StructuredPruner(model, inputs, round_to=round_to, frozen_modules=frozen_modules,
+                                frozen_splits=frozen_splits)
+
+    def attempt(pruner):
+        latency = pruner.latency_model(device=device, batch_size=batch_size, dtype=dtype, **options)
+        pruner.step(target_latency=target_latency, latency=latency, compacted=True)
+
+    return with_repairs(model, build, attempt).latency_report

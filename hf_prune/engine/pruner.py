@@ -7,6 +7,7 @@ one-shot :func:`hf_prune.prune` and the training callbacks are both built on it.
 """
 from __future__ import annotations
 
+import copy
 import difflib
 import warnings
 from collections.abc import Mapping
@@ -14,7 +15,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from .allocation import allocate
+from .allocation import MEASURED, allocate, check_targets
 from ..core.checks import check_choice, check_names, check_round_to, check_sparsity, check_target_macs
 from ..errors import CompactionError, ConfigError, PruningError
 from .graph import DependencyGraph
@@ -235,7 +236,7 @@ class StructuredPruner:
             raise PruningError("this model already carries masks from an earlier prune(..., compact=False); "
                                "call hf_prune.compact(model) first")
         check_choice("mode", mode, ("global", "local"))
-        round_to = check_round_to(round_to)
+        round_to = round_to if round_to == MEASURED else check_round_to(round_to)  # "measured": target_latency only
         self.model = model
         self.example_inputs = example_inputs
         self.importance, self.mode, self.round_to = importance, mode, round_to
@@ -250,25 +251,118 @@ class StructuredPruner:
     def mask(self) -> StructuredMask | None:
         return get_mask(self.model)
 
-    def plan(self, *, sparsity=None, target_macs=None, scores=None) -> torch.Tensor:
-        """Roots to remove for a target; units removed earlier stay removed."""
-        try:
-            if scores is None:
+    def plan(self, *, sparsity=None, target_macs=None, target_latency=None, scores=None, latency_device=None,
+             latency_batch_size=None, latency_dtype=None, latency=None, verify=True) -> torch.Tensor:
+        """Roots to remove for a target; units removed earlier stay removed.
+
+        ``target_latency``: the fraction of the dense model's latency to keep, measured on
+        ``latency_device`` (default: the model's) at ``latency_batch_size`` (1) and ``latency_dtype``
+        (the model's), in the example inputs' layout. A :class:`~hf_prune.engine.latency.LatencyModel`
+        is built from measurements (cached on disk) or taken from ``latency``; the allocator maximises
+        kept importance under it. With ``verify`` (and no masks installed) the plan is compacted on the
+        side and timed against the dense model; if the measured ratio misses the target by more than
+        10 %, the latency model is corrected by that measurement (its residual refit, the budget scaled
+        by the error the refit leaves) and the plan made and measured once more; the attempt measured
+        closer to the target is kept. What was predicted and measured is in ``self.latency_report``.
+        """
+        check_targets(sparsity, target_macs, target_latency)
+        if scores is None:
+            try:
                 scores = unit_scores(self.graph, self.importance)
-            scores = scores.clone()
-            scores[self.removed] = 0.0
-            removed = allocate(self.graph, scores, normalized_scores(self.graph, scores), sparsity=sparsity,
-                               target_macs=target_macs, mode=self.mode, round_to=self.round_to)
+            except ValueError as exc:  # e.g. Taylor scores without gradients
+                raise PruningError(str(exc)) from exc
+        scores = scores.clone()
+        scores[self.removed] = 0.0
+        if target_latency is None:
+            return self._allocate(scores, sparsity=sparsity, target_macs=target_macs)
+        if latency is None:
+            latency = self.latency_model(device=latency_device, batch_size=latency_batch_size, dtype=latency_dtype)
+        return self._plan_latency(scores, float(target_latency), latency, verify)
+
+    def _allocate(self, scores, **target) -> torch.Tensor:
+        try:
+            if "target_latency" in target:
+                target["removed"] = self.removed
+            removed = allocate(self.graph, scores, normalized_scores(self.graph, scores), mode=self.mode,
+                               round_to=self.round_to, **target)
+        except ConfigError:
+            raise
         except ValueError as exc:
             raise PruningError(str(exc)) from exc
         return torch.unique(torch.cat([self.removed, removed]))
 
-    def step(self, *, sparsity=None, target_macs=None, scores=None, compacted=False) -> StructuredMask | None:
-        """Mask more units to reach the target; the model keeps its shapes (see :meth:`apply`)."""
+    def latency_model(self, *, device=None, batch_size=None, dtype=None, **options):
+        """The latency model of this graph for these settings (built once, then reused)."""
+        from .latency import LatencyModel, Settings
+
+        settings = Settings.of(self.model, self.example_inputs, device=device, batch_size=batch_size, dtype=dtype)
+        models = self.__dict__.setdefault("_latency_models", {})
+        if settings not in models:
+            models[settings] = LatencyModel(self.model, self.graph, self.example_inputs, settings, **options)
+        return models[settings].build()
+
+    def _plan_latency(self, scores, target: float, latency, verify: bool) -> torch.Tensor:
+        from .latency import TOLERANCE
+
+        latency.build()
+        note = None
+        try:
+            removed = self._allocate(scores, target_latency=target, latency=latency)
+        except PruningError as exc:
+            if not verify or self.mask is not None or latency.fixed_share == 0:
+                raise
+            # Out of reach only if the measured fixed share of the residual is right: plan with a
+            # residual that shrinks, and let the verification's measurement decide.
+            note = f"planned with a shrinking residual: {exc}"
+            latency.fixed_share = 0.0
+            removed = self._allocate(scores, target_latency=target, latency=latency)
+        attempts = [{"budget": target, "predicted_ratio": latency.ratio(self.graph.keep_mask(removed))}]
+        report = {"target_latency": target, **latency.summary(), "attempts": attempts, "verified": False}
+        if note:
+            report["note"] = note
+        self.latency_report = report
+        if not verify or self.mask is not None:
+            report["why_not_verified"] = ("verify=False" if not verify else
+                                          "the model carries masks; measure after compaction (measure_speedup)")
+            return removed
+        attempts[0]["measured"] = self._measure(removed, latency)
+        plans = [removed]
+        measured = attempts[0]["measured"]["latency_ratio"]
+        share, missed = latency.fixed_share, abs(measured / target - 1) > TOLERANCE
+        budget = min(1.0, target / latency.calibrate(self.graph.keep_mask(removed), measured)) if missed else target
+        if missed and (abs(budget / target - 1) > 0.01 or latency.fixed_share != share):  # else: the same plan
+            try:
+                plans.append(self._allocate(scores, target_latency=budget, latency=latency))
+            except PruningError as exc:  # the corrected budget is out of reach: keep the first plan
+                attempts.append({"budget": budget, "error": str(exc)})
+            else:
+                attempts.append({"budget": budget, "residual_fixed_share": latency.fixed_share,
+                                 "predicted_ratio": latency.ratio(self.graph.keep_mask(plans[-1]))})
+                attempts[-1]["measured"] = self._measure(plans[-1], latency)
+        best = min(range(len(plans)), key=lambda i: abs(attempts[i]["measured"]["latency_ratio"] / target - 1))
+        report.update(verified=True, corrected=len(attempts) > 1, chosen=best,
+                      measured=attempts[best]["measured"],
+                      within_tolerance=abs(attempts[best]["measured"]["latency_ratio"] / target - 1) <= TOLERANCE)
+        return plans[best]
+
+    def _measure(self, removed: torch.Tensor, latency) -> dict:
+        """The plan compacted on a copy, timed against the dense model (the model is restored)."""
+        undo = self._compact_checked(self.graph.keep_mask(removed))
+        try:
+            pruned = copy.deepcopy(self.model)
+        finally:
+            undo.restore()
+        return latency.measure_plan(pruned)
+
+    def step(self, *, sparsity=None, target_macs=None, scores=None, compacted=False,
+             **latency) -> StructuredMask | None:
+        """Mask more units to reach the target; the model keeps its shapes (see :meth:`apply`).
+        ``latency``: ``target_latency`` and the other latency arguments of :meth:`plan`."""
         for value, check in ((target_macs, check_target_macs), (sparsity, check_sparsity)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
                 check(value)  # a string, a bool, ...: refused here; the allocation checks the ranges
-        return self.apply(self.plan(sparsity=sparsity, target_macs=target_macs, scores=scores), compacted=compacted)
+        return self.apply(self.plan(sparsity=sparsity, target_macs=target_macs, scores=scores, **latency),
+                          compacted=compacted)
 
     def apply(self, removed: torch.Tensor, *, compacted: bool = False) -> StructuredMask | None:
         """Mask exactly the units ``removed`` (root ids of ``self.graph``), checked to compact.

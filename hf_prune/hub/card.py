@@ -168,6 +168,17 @@ def _dataset_ids(card_data: dict, metrics) -> list[str]:
     return list(dict.fromkeys(d for d in found if d))
 
 
+def _speed(speed: dict | None, spec: dict) -> dict | None:
+    """The speed line's fields: the caller's ``speed``, else the one measured at pruning time and
+    recorded in the spec (``stats["speed"]``, as :func:`hf_prune.engine.latency.measure_speedup` returns it)."""
+    speed = speed or (spec.get("stats") or {}).get("speed")
+    if not speed:
+        return None
+    up = speed["speedup"]
+    return {"speedup": f"{up:.2f}" if isinstance(up, float) else up, "device": speed.get("device"),
+            "batch": speed.get("batch", speed.get("batch_size")), "dtype": speed.get("dtype")}
+
+
 def _auto_class(spec: dict) -> str:
     arch = spec["base"]["architecture"]
     if arch.endswith("ForImageClassification"):
@@ -210,7 +221,7 @@ def render_card(spec: dict, *, repo_id: str | None = None, metrics=None, speed: 
         params_ratio=_ratio(stats.get("params_after"), stats.get("params_before")),
         macs_before=_human(stats.get("macs_before")), macs_after=_human(stats.get("macs_after")),
         macs_ratio=_ratio(stats.get("macs_after"), stats.get("macs_before")),
-        speed={"device": None, "batch": None, "dtype": None, **speed} if speed else None,
+        speed=_speed(speed, spec),
         metrics=metric_rows, settings=spec["method"].get("settings") or {},
         n_layers=sum(1 for e in spec["layers"] if e["tensors"]),
         n_attention=sum(1 for e in spec["layers"] if e["role"] == "attention"),
