@@ -368,3 +368,37 @@ def test_card_renders_the_recorded_speed():
     text = render_card(spec, plot=None)
     assert "**1.87×** on NVIDIA H200, batch size 256, bfloat16" in text
     assert "**1.50×** on cpu" in render_card(spec, speed={"speedup": 1.5, "device": "cpu"}, plot=None)
+
+
+def test_prune_and_callback_with_target_latency_record_what_was_measured(tmp_path):
+    """The whole path with real timing: one-shot prune() records the measured speed of the plan (and the card
+    shows it); the callback measures the latency model once, prunes towards the latency target on its
+    schedule and records the predicted latency ratio of the final widths. No timing threshold is asserted."""
+    import timm
+
+    import hf_prune
+    from hf_prune.hub.card import render_card
+    from hf_prune.hub.spec import structure_spec
+
+    torch.manual_seed(0)
+    model = timm.create_model("resnet18", num_classes=10)
+    x = torch.randn(1, 3, 64, 64)
+    hf_prune.prune(model, target_latency=0.7, example_inputs=x)
+    stats = model.hf_prune_record["stats"]
+    speed = stats["speed"]
+    assert {"latency_ratio", "speedup", "device", "batch_size", "dtype"} <= set(speed)
+    assert speed["batch_size"] == 1 and speed["dtype"] == "float32" and stats["macs_after"] < stats["macs_before"]
+    assert model.hf_prune_record["settings"]["target_latency"] == 0.7
+    spec = structure_spec(model, method="depgraph", settings=model.hf_prune_record["settings"], stats=stats)
+    assert f"{speed['speedup']:.2f}" in render_card(spec)
+
+    model = timm.create_model("resnet18", num_classes=10)
+    cb = hf_prune.DepGraphCallback(target_latency=0.7, schedule="linear", start=0, end=2, frequency=1)
+    cb.setup(model, total_steps=4, example_inputs=x)
+    for step in range(4):
+        cb.step_begin(step)
+        cb.optimizer_step()
+    assert [e["step"] for e in cb.events] == [1, 2] and cb.events[-1]["target"] == pytest.approx(0.7)
+    cb.finish()
+    assert 0 < cb.record["stats"]["predicted_latency_ratio"] <= 0.7 + 1e-6
+    assert cb.record["stats"]["macs_after"] < cb.record["stats"]["macs_before"]

@@ -294,7 +294,24 @@ def number(text: str) -> float:
 # the method's config from the command line
 
 
-TARGET_FLAGS = {"target_macs": "--target-macs", "sparsity": "--sparsity", "num_blocks": "--num-blocks"}
+TARGET_FLAGS = {"target_macs": "--target-macs", "sparsity": "--sparsity", "num_blocks": "--num-blocks",
+                "target_latency": "--target-latency"}
+LATENCY_FLAGS = {"latency_device": "--latency-device", "latency_batch_size": "--latency-batch-size",
+                 "latency_dtype": "--latency-dtype"}
+
+
+def add_target_arguments(p) -> None:
+    """The target flags every pruning command takes (fields of the methods' configs)."""
+    p.add_argument("--target-macs", type=number, metavar="F", help="fraction of the dense MACs to keep, in (0, 1]")
+    p.add_argument("--sparsity", type=number, metavar="F",
+                   help="fraction of the prunable parameters (weights) to remove, in [0, 1)")
+    p.add_argument("--num-blocks", type=positive_int, metavar="K", help="updp: number of blocks to merge")
+    p.add_argument("--target-latency", type=number, metavar="F",
+                   help="depgraph: fraction of the dense model's latency to keep, measured on this machine (or "
+                        "--latency-device) at --latency-batch-size in --latency-dtype")
+    p.add_argument("--latency-device", metavar="DEV", help="where latency is measured (default: the model's device)")
+    p.add_argument("--latency-batch-size", type=positive_int, metavar="N", help="batch size latency is measured at (1)")
+    p.add_argument("--latency-dtype", choices=["float32", "float16", "bfloat16"], help="dtype latency is measured in")
 
 
 def method_config(config_path, method, fields: dict, flags: dict):

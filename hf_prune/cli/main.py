@@ -28,14 +28,18 @@ import sys
 import time
 from typing import Any
 
-from .common import (EXIT_FAILURE, EXIT_OK, EXIT_USAGE, TARGET_FLAGS, CLIError, hub_api, load_model, method_config,
-                     non_negative_int, number, one_line, positive_int)
+from .common import (EXIT_FAILURE, EXIT_OK, EXIT_USAGE, LATENCY_FLAGS, TARGET_FLAGS, CLIError, add_target_arguments,
+                     hub_api, load_model, method_config, non_negative_int, one_line, positive_int)
 
 __all__ = ["main", "build_parser"]
 
 # ------------------------------------------------------------------------------------------------
 # argument parsing
 # ------------------------------------------------------------------------------------------------
+
+
+def _round_to(text: str):
+    return text if text == "measured" else non_negative_int(text)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -75,17 +79,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the method's settings: a JSON file written by PruningConfig.save_pretrained, or a "
                         "folder / Hub repo of a model pruned by hf_prune (its settings are reused); flags "
                         "override its fields")
-    p.add_argument("--target-macs", type=number, metavar="F", help="fraction of the dense MACs to keep, in (0, 1]")
-    p.add_argument("--sparsity", type=number, metavar="F",
-                   help="fraction of the prunable parameters (weights) to remove, in [0, 1)")
-    p.add_argument("--num-blocks", type=positive_int, metavar="K", help="updp: number of blocks to merge")
+    add_target_arguments(p)
     p.add_argument("--output", "-o", metavar="DIR",
                    help="save the pruned model here (config.json with the hf_prune spec + safetensors)")
     p.add_argument("--importance", choices=["l1", "l2"], help="channel-group importance (default: l2)")
     p.add_argument("--mode", choices=["global", "local"],
                    help="global: one ranking across layers; local: the same ratio per layer (default: global)")
-    p.add_argument("--round-to", type=non_negative_int, metavar="N",
-                   help="keep channel counts multiples of N for speed (0 disables; default: 8)")
+    p.add_argument("--round-to", type=_round_to, metavar="N",
+                   help="keep channel counts multiples of N for speed (0 disables; default: 8); 'measured' (with "
+                        "--target-latency) picks the fastest nearby width by timing it")
     p.add_argument("--prune-stem", action="store_true", default=None,
                    help="also prune the first layer's outputs")
     p.add_argument("--seed", type=int, default=0,
@@ -161,7 +163,7 @@ def _input_shape(inputs) -> list[int]:
 # ------------------------------------------------------------------------------------------------
 
 
-_FLAGS = {**TARGET_FLAGS, "importance": "--importance", "mode": "--mode", "round_to": "--round-to",
+_FLAGS = {**TARGET_FLAGS, **LATENCY_FLAGS, "importance": "--importance", "mode": "--mode", "round_to": "--round-to",
           "prune_stem": "--prune-stem"}
 
 

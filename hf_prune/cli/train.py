@@ -43,8 +43,8 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from .common import (EXIT_OK, EXIT_USAGE, TARGET_FLAGS, CLIError, hub_api, load_model, method_config,
-                     non_negative_int, number, one_line, positive_int)
+from .common import (EXIT_OK, EXIT_USAGE, LATENCY_FLAGS, TARGET_FLAGS, CLIError, add_target_arguments, hub_api,
+                     load_model, method_config, non_negative_int, number, one_line, positive_int)
 
 HELP = "prune while fine-tuning with transformers.Trainer (any method), then save / push"
 DESCRIPTION = ("Fine-tune MODEL on DATA with a pruning method's callback (every registered method: its config, "
@@ -75,9 +75,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     prune.add_argument("--config", metavar="FILE",
                        help="the method's settings: a file written by PruningConfig.save_pretrained, or the folder / "
                             "Hub repo of a model pruned by hf_prune; the flags below override its fields")
-    prune.add_argument("--target-macs", type=number, metavar="F", help="fraction of the dense MACs to keep, in (0, 1]")
-    prune.add_argument("--sparsity", type=number, metavar="F", help="fraction of the prunable weights to remove")
-    prune.add_argument("--num-blocks", type=positive_int, metavar="K", help="updp: number of blocks to merge")
+    add_target_arguments(prune)
     prune.add_argument("--set", dest="set_fields", action="append", default=[], metavar="FIELD=VALUE",
                        help="any field of the method's config (repeatable); VALUE is JSON (0.5, true, null, "
                             "[0.5, 1.0]) or a word: --set schedule=linear --set end=0.5")
@@ -156,13 +154,14 @@ def _field_value(text: str):
 
 def train_config(opts):
     """``(registry entry, config)`` from ``--config``, ``--method``, the target flags and ``--set``."""
-    fields = {k: getattr(opts, k) for k in TARGET_FLAGS if getattr(opts, k) is not None}
+    flags = {**TARGET_FLAGS, **LATENCY_FLAGS}
+    fields = {k: getattr(opts, k) for k in flags if getattr(opts, k) is not None}
     for item in opts.set_fields:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise CLIError(f"--set {item!r}: expected FIELD=VALUE, e.g. --set schedule=linear")
         fields[key.strip().replace("-", "_")] = _field_value(value)
-    entry, config = method_config(opts.config, opts.method, fields, TARGET_FLAGS)
+    entry, config = method_config(opts.config, opts.method, fields, flags)
     if opts.finetune_steps and entry.kind == "weights":
         raise CLIError(f"--finetune-steps with --method {entry.name}: a separate fine-tuning would let the pruned "
                        "weights grow back. Weight methods recover inside their schedule: training goes on at the "

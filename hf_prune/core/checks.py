@@ -63,10 +63,13 @@ def check_choice(name: str, value, choices) -> str:
     return value
 
 
-def check_round_to(value) -> int | None:
-    """A channel multiple: a positive int, or None for no rounding."""
-    if value is None:
-        return None
+MEASURED = "measured"  # round_to="measured": widths chosen by timing them (with target_latency)
+
+
+def check_round_to(value) -> int | str | None:
+    """A channel multiple: a positive int, None for no rounding, or ``"measured"`` (widths chosen by timing)."""
+    if value is None or value == MEASURED:
+        return value
     return check_int("round_to", value, meaning="channels kept per group are a multiple of it; None disables rounding")
 
 

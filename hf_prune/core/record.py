@@ -19,8 +19,14 @@ RECORD_ATTR = "hf_prune_record"
 
 
 def _clean_stats(stats: dict) -> dict:
-    return {k: v for k, v in (stats or {}).items()
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+    """Finite numbers, and the measured ``speed`` (a dict of numbers and names) that reports and cards show."""
+    out = {k: v for k, v in (stats or {}).items()
+           if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+    speed = (stats or {}).get("speed")
+    if isinstance(speed, dict):
+        out["speed"] = {k: v for k, v in speed.items() if isinstance(v, (str, int, float, type(None)))
+                        and not (isinstance(v, float) and not math.isfinite(v))}
+    return out
 
 
 def write_record(model: nn.Module, config, stats: dict) -> dict:

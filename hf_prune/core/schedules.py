@@ -48,7 +48,8 @@ __all__ = [
     "target_from_amount",
 ]
 
-KINDS = ("target_macs", "sparsity")
+KINDS = ("target_macs", "sparsity", "target_latency")
+KEPT_KINDS = ("target_macs", "target_latency")  # targets that say what fraction is kept
 
 
 # ----------------------------------------------------------------------------------- pure helpers
@@ -69,13 +70,13 @@ def linear_amount(progress: float, initial: float, final: float) -> float:
 def amount_from_target(value: float, kind: str) -> float:
     """The amount pruned (0 = dense) that an engine target means."""
     _check_kind(kind)
-    return 1.0 - float(value) if kind == "target_macs" else float(value)
+    return 1.0 - float(value) if kind in KEPT_KINDS else float(value)
 
 
 def target_from_amount(amount: float, kind: str) -> float:
     """The engine target (``target_macs`` kept, or ``sparsity`` removed) for an amount pruned."""
     _check_kind(kind)
-    return 1.0 - float(amount) if kind == "target_macs" else float(amount)
+    return 1.0 - float(amount) if kind in KEPT_KINDS else float(amount)
 
 
 def _check_kind(kind: str) -> None:
@@ -230,29 +231,26 @@ SCHEDULES = {"oneshot": OneShot, "linear": Linear, "cubic": Cubic}
 
 def make_schedule(name: str = "cubic", *, target_macs: float | None = None, sparsity: float | None = None,
                   start: float | int = 0.0, end: float | int = 0.7, frequency: int = 1,
-                  initial: float = 0.0) -> SparsitySchedule:
+                  initial: float = 0.0, target_latency: float | None = None) -> SparsitySchedule:
     """A schedule from an engine-convention target.
 
-    Exactly one of ``target_macs`` (fraction of dense MACs to keep at the end, in (0, 1]) or
-    ``sparsity`` (fraction of prunable parameters to remove at the end, in [0, 1)). ``initial`` is
-    the amount pruned at ``start`` (for ``linear``/``cubic``).
+    Exactly one of ``target_macs`` (fraction of dense MACs to keep at the end, in (0, 1]),
+    ``target_latency`` (fraction of the dense latency to keep, in (0, 1]) or ``sparsity`` (fraction of
+    prunable parameters to remove at the end, in [0, 1)). ``initial`` is the amount pruned at ``start``
+    (for ``linear``/``cubic``).
     """
+    from .checks import check_fraction, check_sparsity
+
     if name not in SCHEDULES:
         raise ValueError(f"schedule={name!r} is not one of {sorted(SCHEDULES)}")
-    if (target_macs is None) == (sparsity is None):
-        raise ValueError("give exactly one of target_macs= (fraction of dense MACs to keep, e.g. 0.5) or "
-                         f"sparsity= (fraction of prunable parameters to remove, e.g. 0.3); got "
-                         f"target_macs={target_macs!r}, sparsity={sparsity!r}")
-    if target_macs is not None:
-        if isinstance(target_macs, bool) or not isinstance(target_macs, (int, float)) or not 0.0 < target_macs <= 1.0:
-            raise ValueError(f"target_macs={target_macs!r} must be in (0, 1]: the fraction of dense MACs to keep "
-                             "(0.5 halves the MACs)")
-        kind, value = "target_macs", float(target_macs)
-    else:
-        if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0.0 <= sparsity < 1.0:
-            raise ValueError(f"sparsity={sparsity!r} must be in [0, 1): the fraction of prunable parameters to "
-                             "remove (0.3 removes 30%)")
-        kind, value = "sparsity", float(sparsity)
+    given = {k: v for k, v in (("target_macs", target_macs), ("sparsity", sparsity),
+                               ("target_latency", target_latency)) if v is not None}
+    if len(given) != 1:
+        raise ValueError("give exactly one of target_macs= (fraction of dense MACs to keep, e.g. 0.5), "
+                         "sparsity= (fraction of prunable parameters to remove, e.g. 0.3) or target_latency= "
+                         f"(fraction of the dense latency to keep); got {given or 'none'}")
+    (kind, value), = given.items()
+    value = check_sparsity(value) if kind == "sparsity" else check_fraction(kind, value)
     return SCHEDULES[name](final=amount_from_target(value, kind), kind=kind, initial=initial, start=start,
                            end=end, frequency=frequency)
 

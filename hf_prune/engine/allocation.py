@@ -31,7 +31,7 @@ import math
 
 import torch
 
-from ..core.checks import check_choice, check_fraction
+from ..core.checks import MEASURED, check_choice, check_fraction
 from ..core.execution import single_threaded_fn
 from ..errors import ConfigError
 
@@ -76,7 +76,6 @@ class _Ranking:
         return [_keep_count(n, float(a), kind, round_to) for n, a, kind in zip(self.sizes, above, self.kinds)]
 
 
-MEASURED = "measured"
 
 
 def check_targets(sparsity=None, target_macs=None, target_latency=None) -> str:

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from .allocation import MEASURED, allocate, check_targets
+from .allocation import allocate, check_targets
 from ..core.checks import check_choice, check_names, check_round_to, check_sparsity, check_target_macs
 from ..errors import CompactionError, ConfigError, PruningError
 from .graph import DependencyGraph
@@ -236,7 +236,7 @@ class StructuredPruner:
             raise PruningError("this model already carries masks from an earlier prune(..., compact=False); "
                                "call hf_prune.compact(model) first")
         check_choice("mode", mode, ("global", "local"))
-        round_to = round_to if round_to == MEASURED else check_round_to(round_to)  # "measured": target_latency only
+        round_to = check_round_to(round_to)
         self.model = model
         self.example_inputs = example_inputs
         self.importance, self.mode, self.round_to = importance, mode, round_to

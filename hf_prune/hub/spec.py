@@ -42,7 +42,8 @@ Format v1::
         "layers": [{"index": 9, "path": "...", "tensor": "weight", "nonzero": 0.5}, ...]
       },                                          # (listed: tensors with more than 1% zeros)
       "method": {"name": "depgraph", "settings": {"target_macs": 0.6, ...}},
-      "stats": {"params_before": 5.7e6, "params_after": 3.1e6, "macs_before": ..., "macs_after": ...},
+      "stats": {"params_before": 5.7e6, "params_after": 3.1e6, "macs_before": ..., "macs_after": ...,
+                "speed": {"latency_ratio": 0.5, "speedup": 2.0, "device": "...", "batch_size": 1, "dtype": "float32"}},
       "versions": {"torch": "2.14.1", "transformers": "5.23.0", "timm": "1.0.31", "hf_prune": "0.1.0"}
     }
 
@@ -526,8 +527,13 @@ def validate_spec(spec) -> dict:
             or not isinstance(method.get("settings", {}), dict):
         _fail("method must be an object {name: string or null, settings: object}")
     _no_unknown_keys(method, _METHOD_KEYS, "method")
-    if not isinstance(spec["stats"], dict) or not all(v is None or _is_number(v) for v in spec["stats"].values()):
-        _fail("stats must map names to numbers")
+    stats = spec["stats"]
+    speed = stats.get("speed") if isinstance(stats, dict) else None
+    if not isinstance(stats, dict) or not all(v is None or _is_number(v) for k, v in stats.items() if k != "speed"):
+        _fail("stats must map names to numbers (and 'speed' to the measured speed)")
+    if speed is not None and (not isinstance(speed, dict) or not all(
+            isinstance(k, str) and (v is None or isinstance(v, str) or _is_number(v)) for k, v in speed.items())):
+        _fail("stats.speed must map names to numbers or strings (as measure_speedup reports them)")
     if not isinstance(spec["versions"], dict) or not all(v is None or isinstance(v, str)
                                                           for v in spec["versions"].values()):
         _fail("versions must map package names to version strings")

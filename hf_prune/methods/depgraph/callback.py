@@ -64,6 +64,7 @@ class DepGraphCallback(ScheduledPruningCallback):
         self.final_removed: list | None = None
         self._taylor: torch.Tensor | None = None
         self._taylor_count = 0
+        self._latency = None
 
     # ------------------------------------------------------------------ protocol
     def prepare(self, model: nn.Module, example_inputs) -> None:
@@ -71,10 +72,14 @@ class DepGraphCallback(ScheduledPruningCallback):
         self.pruner = StructuredPruner(model, example_inputs, importance="l2" if c.importance == "taylor"
                                        else c.importance, mode=c.mode, round_to=c.round_to,
                                        ignored_layers=c.ignored_layers, prune_stem=c.prune_stem)
+        if c.target_latency is not None:  # measured once, on the dense model, before training
+            o = c.latency_options()
+            self._latency = self.pruner.latency_model(device=o["latency_device"], batch_size=o["latency_batch_size"],
+                                                      dtype=o["latency_dtype"])
         final = self.schedule.final_target
         if final is not None and self.schedule.final > 0:
             try:  # an unreachable target fails now, before any training step
-                self.pruner.plan(**{self.schedule.kind: final})
+                self.pruner.plan(**{self.schedule.kind: final}, **self._latency_args())
             except PruningError as exc:
                 raise ConfigError(f"{self.target_kind}={getattr(c, self.target_kind)} cannot be reached on "
                                   f"{type(model).__name__} with round_to={c.round_to}: {exc}") from None
@@ -97,6 +102,11 @@ class DepGraphCallback(ScheduledPruningCallback):
         return type(t)(final=final, kind=t.kind, initial=min(t.initial, final), start=t.start, end=t.end,
                        frequency=t.frequency)
 
+    def _latency_args(self) -> dict:
+        """With ``target_latency``: the latency model measured in :meth:`prepare`. Plans made while masks are
+        installed are not re-timed (that needs a compacted copy of the model)."""
+        return {} if self._latency is None else {"latency": self._latency, "verify": False}
+
     def current_counts(self) -> dict:
         g = self.pruner.graph
         return {"macs": self.pruner.dense_macs, "params": self.pruner.dense_params,
@@ -115,10 +125,10 @@ class DepGraphCallback(ScheduledPruningCallback):
         scores = sync_scores(self.compute_scores().double(), self.config.sync)
         before = self.pruner.removed
         try:
-            planned = self.pruner.plan(scores=scores, **target)
+            planned = self.pruner.plan(scores=scores, **target, **self._latency_args())
             changed = not torch.equal(planned, before)
             if changed:
-                self.pruner.step(scores=scores, **target)
+                self.pruner.apply(planned)
         except PruningError as exc:
             raise PruningError(f"{type(self).__name__}: pruning at step {step} to {target} failed: {exc}") from exc
         check_same_everywhere(self.pruner.removed)
@@ -156,8 +166,12 @@ class DepGraphCallback(ScheduledPruningCallback):
         if self.pruner.mask is not None:
             compact(self.model)
         s = self.final_stats
-        return {"params_before": int(s["dense_params"]), "params_after": int(s["params"]),
-                "macs_before": int(s["dense_macs"]), "macs_after": int(s["macs"])}
+        out = {"params_before": int(s["dense_params"]), "params_after": int(s["params"]),
+               "macs_before": int(s["dense_macs"]), "macs_after": int(s["macs"])}
+        if self._latency is not None:  # what the latency model predicts for the final widths (not re-timed)
+            out["predicted_latency_ratio"] = float(self._latency.ratio(self.pruner.graph.keep_mask(
+                self.pruner.removed)))
+        return out
 
     # ------------------------------------------------------------------ checkpoints
     def removed_slices(self) -> list:

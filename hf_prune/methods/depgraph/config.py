@@ -4,12 +4,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ...config import ScheduleConfig
-from ...core.checks import (check_choice, check_fraction, check_names, check_number, check_round_to, check_sparsity)
+from ...core.checks import (MEASURED, check_choice, check_fraction, check_int, check_names, check_number,
+                            check_round_to, check_sparsity)
 from ...errors import ConfigError
 
 IMPORTANCES = ("l2", "l1", "taylor")
 MODES = ("global", "local")
 SPARSE_PENALTIES = ("lasso", "squared")
+TARGETS = ("target_macs", "sparsity", "target_latency")
+LATENCY_DTYPES = ("float32", "float16", "bfloat16", "float64")
 SYNC_MODES = ("all_reduce", "broadcast")  # how scores agree across processes (core.distributed.sync_scores)
 
 
@@ -17,12 +20,16 @@ SYNC_MODES = ("all_reduce", "broadcast")  # how scores agree across processes (c
 class DepGraphConfig(ScheduleConfig):
     """DepGraph (Fang et al., CVPR 2023): coupled channel groups and attention heads.
 
-    Targets (exactly one): ``target_macs`` (fraction of the dense MACs to keep, (0, 1]) or ``sparsity``
-    (fraction of the prunable parameters to remove, [0, 1)).
+    Targets (exactly one): ``target_macs`` (fraction of the dense MACs to keep, (0, 1]), ``sparsity``
+    (fraction of the prunable parameters to remove, [0, 1)) or ``target_latency`` (fraction of the dense
+    model's *measured* latency to keep, (0, 1]: a latency model of every layer at a grid of widths is
+    measured on ``latency_device`` at ``latency_batch_size`` in ``latency_dtype`` — defaults: the model's
+    device, 1, its dtype — cached on disk, and the plan is verified by timing; see
+    :mod:`hf_prune.engine.latency`).
     ``importance``: ``"l2"`` / ``"l1"`` group magnitude, ``"taylor"`` (first order ``|w·∂L/∂w|``; one-shot
     needs ``calib=``). ``mode``: ``"global"`` ranks all units by group-normalised importance, ``"local"``
     removes the same fraction of every group. ``round_to``: channel groups keep a multiple of it (None:
-    no rounding). ``prune_stem``: also prune the stem's output channels (a ViT's embedding width).
+    no rounding; ``"measured"`` with ``target_latency``: the fastest nearby width by timing). ``prune_stem``: also prune the stem's output channels (a ViT's embedding width).
     ``ignored_layers``: module names whose output channels stay.
     Training only: the schedule fields (:class:`~hf_prune.config.ScheduleConfig`), ``compact_at_end``,
     ``sync`` (``"all_reduce"`` / ``"broadcast"``: how scores agree across processes), and the paper's
@@ -33,6 +40,10 @@ class DepGraphConfig(ScheduleConfig):
 
     target_macs: float | None = None
     sparsity: float | None = None
+    target_latency: float | None = None
+    latency_device: str | None = None
+    latency_batch_size: int = 1
+    latency_dtype: str | None = None
     importance: str = "l2"
     mode: str = "global"
     round_to: int | None = 8
@@ -45,14 +56,21 @@ class DepGraphConfig(ScheduleConfig):
     sparse_penalty: str = "lasso"
 
     def validate(self) -> None:
-        if (self.target_macs is None) == (self.sparsity is None):
-            raise ConfigError("give exactly one of target_macs= (fraction of dense MACs to keep, e.g. 0.5) or "
-                              f"sparsity= (fraction of prunable parameters to remove, e.g. 0.3); got "
-                              f"target_macs={self.target_macs!r}, sparsity={self.sparsity!r}")
-        if self.target_macs is not None:
-            check_fraction("target_macs", self.target_macs)
-        else:
+        given = [k for k in TARGETS if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ConfigError("give exactly one of target_macs= (fraction of dense MACs to keep, e.g. 0.5), "
+                              "sparsity= (fraction of prunable parameters to remove, e.g. 0.3) or target_latency= "
+                              "(fraction of the dense measured latency to keep); got "
+                              + ", ".join(f"{k}={getattr(self, k)!r}" for k in TARGETS))
+        if self.sparsity is not None:
             check_sparsity(self.sparsity)
+        else:
+            check_fraction(given[0], getattr(self, given[0]))
+        check_int("latency_batch_size", self.latency_batch_size)
+        if self.latency_dtype is not None:
+            check_choice("latency_dtype", self.latency_dtype, LATENCY_DTYPES)
+        if self.round_to == MEASURED and self.target_latency is None:
+            raise ConfigError(f"round_to={MEASURED!r} picks widths by timing them, so it needs target_latency=")
         check_choice("importance", self.importance, IMPORTANCES)
         check_choice("mode", self.mode, MODES)
         check_round_to(self.round_to)
@@ -66,4 +84,11 @@ class DepGraphConfig(ScheduleConfig):
 
     @property
     def target_kind(self) -> str:
-        return "target_macs" if self.target_macs is not None else "sparsity"
+        return next(k for k in TARGETS if getattr(self, k) is not None)
+
+    def latency_options(self) -> dict:
+        """How the latency target is measured (the engine's ``latency_*`` arguments)."""
+        import torch
+
+        return {"latency_device": self.latency_device, "latency_batch_size": self.latency_batch_size,
+                "latency_dtype": getattr(torch, self.latency_dtype) if self.latency_dtype else None}

@@ -44,8 +44,14 @@ def prune_depgraph(model: nn.Module, config: DepGraphConfig, *, example_inputs=N
                                 frozen_splits=frozen_splits)
 
     target = {config.target_kind: getattr(config, config.target_kind)}
+    if config.target_latency is not None:
+        target.update(config.latency_options())
     pruner = with_repairs(model, build, lambda p: p.step(**target, compacted=compact))
     stats = pruner.stats()
-    return {"params_before": pruner.dense_params, "params_after": stats["params"],
-            "macs_before": pruner.dense_macs, "macs_after": stats["macs"],
-            "macs_batch_size": batch_size(example_inputs)}
+    out = {"params_before": pruner.dense_params, "params_after": stats["params"],
+           "macs_before": pruner.dense_macs, "macs_after": stats["macs"],
+           "macs_batch_size": batch_size(example_inputs)}
+    measured = (getattr(pruner, "latency_report", None) or {}).get("measured")
+    if measured:
+        out["speed"] = measured  # the plan timed against the dense model (device, batch, dtype included)
+    return out
