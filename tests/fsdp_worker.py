@@ -14,7 +14,8 @@ coefficient mirrored onto the sharded model, merge from the gathered weights), `
 (weights selected on the gathered copy, masks applied per shard; oViT's calibration split by layers across
 ranks), ``resume`` (DepGraph with Taylor scores, stopped at a step and resumed from a
 ``torch.distributed.checkpoint`` of weights and optimizer plus the callback's state: identical to the
-uninterrupted run).
+uninterrupted run), ``calibration`` (one-shot oViT and RD with ``distributed=True``: each rank measures
+half of the layers; the result must equal one process measuring all of them).
 """
 from __future__ import annotations
 
@@ -146,7 +147,28 @@ def reload_diff(path, model, x) -> float:
         return float((loaded(pixel_values=x).logits - model(pixel_values=x).logits).abs().max())
 
 
+def calibration_case(calib) -> dict:
+    import hf_prune
+
+    out = {}
+    for method, settings in (("ovit", {"sparsity": 0.5, "block_size": 16, "num_grads": 4}),
+                             ("rd", {"sparsity": 0.5, "grid": 5})):
+        runs = {}
+        for distributed in (True, False):
+            info = {}
+            model = hf_prune.prune(build(), method, calib=calib, distributed=distributed,
+                                   **({"info": info} if method == "ovit" else {}), **settings)
+            runs[distributed] = (model, info)
+        (split, info), (whole, whole_info) = runs[True], runs[False]
+        out[method] = {"vs_whole": max_diff(split, whole), "digest": digest(split),
+                       "zeros": sum(int((p == 0).sum()) for p in split.parameters()),
+                       "fisher_bytes": info.get("fisher_bytes"), "whole_fisher_bytes": whole_info.get("fisher_bytes")}
+    return out
+
+
 def run_case(name, data, calib, mesh, out_dir) -> dict:
+    if name == "calibration":
+        return calibration_case(calib)
     method, settings = CASES[name]
     rank = torch.distributed.get_rank()
     if name == "resume":
@@ -202,4 +224,4 @@ def main(out_dir: str, cases: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else ",".join(CASES))
+    main(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else ",".join([*CASES, "calibration"]))
