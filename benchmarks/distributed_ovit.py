@@ -1,0 +1,139 @@
+"""Per-process memory of one-shot oViT on ViT-B with the calibration split across 1 and 2 ranks.
+
+``hf_prune.prune(model, "ovit", calib=..., distributed=True)`` on timm ``vit_base_patch16_224`` (random
+weights, 85 M prunable weights in qkv / proj / fc1 / fc2) with a small calibration set of real digits,
+launched with ``torchrun --nproc_per_node 1`` and then ``2`` (gloo, CPU). With 2 ranks each rank
+computes gradients, Fisher information and removals for its half of the layers only
+(:mod:`hf_prune.sparse.distributed`), so it should hold about half of what one rank holds.
+
+Measured per process: peak resident set size (``resource.getrusage(RUSAGE_SELF).ru_maxrss``, whole
+process: Python, torch, the model, the calibration data and everything oViT allocates), the RSS just
+before pruning (the baseline: model + data), their difference (what pruning added at its peak), and
+oViT's own count of the Fisher bytes it held (``info["fisher_bytes"]``). The two runs' masks and
+weights are compared (they must be identical). Results: ``benchmarks/results/distributed_ovit.{md,json}``.
+
+Usage (repository root)::
+
+    PYTHONPATH=. .venv/bin/python benchmarks/distributed_ovit.py                 # both launches, write results
+    PYTHONPATH=. .venv/bin/python benchmarks/distributed_ovit.py --quick         # a small ViT, seconds
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import resource
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SETTINGS = {"sparsity": 0.5, "block_size": 8, "num_grads": 8, "fisher": "gradients"}  # B=8: the sweep is O(d·B²)
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _peak_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def worker(out_dir: str, model_name: str, image: int, batches: int) -> None:
+    """One rank: build, calibrate, prune, report."""
+    import timm
+    import torch
+
+    import hf_prune
+    from hf_prune.data import load_digits
+
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo")
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    torch.manual_seed(0)
+    model = timm.create_model(model_name, pretrained=False, num_classes=10, img_size=image).eval()
+    train, _ = load_digits(source="sklearn", image_size=image, channels=3)
+    calib = [{"pixel_values": train.pixel_values[i:i + 1], "labels": train.labels[i:i + 1]} for i in range(batches)]
+    torch.distributed.barrier()
+    base_rss, base_peak = _rss_mib(), _peak_mib()
+    info: dict = {}
+    t0 = time.perf_counter()
+    hf_prune.prune(model, "ovit", calib=calib, distributed=True, info=info, **SETTINGS)
+    seconds = time.perf_counter() - t0
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().contiguous().numpy().tobytes())
+    row = {"rank": rank, "world": world, "seconds": round(seconds, 1), "rss_before_mib": round(base_rss),
+           "peak_before_mib": round(base_peak), "peak_rss_mib": round(_peak_mib()),
+           "fisher_mib": round(info["fisher_bytes"] / 2 ** 20), "grad_seconds": round(info["grad_seconds"], 1),
+           "sweep_seconds": round(info["sweep_seconds"], 1), "num_grads": info["num_grads"],
+           "weights_digest": h.hexdigest(), "loadavg_end": " ".join(f"{v:.2f}" for v in os.getloadavg())}
+    row["added_mib"] = row["peak_rss_mib"] - row["rss_before_mib"]
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(row))
+    torch.distributed.destroy_process_group()
+
+
+def launch(nproc: int, out_dir: Path, args) -> list[dict]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), CUDA_VISIBLE_DEVICES="")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
+           "127.0.0.1", "--master_port", str(port), __file__, "--worker", str(out_dir), "--model", args.model,
+           "--image", str(args.image), "--batches", str(args.batches)]
+    subprocess.run(cmd, check=True, env=env, cwd=ROOT)
+    return [json.loads(Path(out_dir, f"rank{r}.json").read_text()) for r in range(nproc)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--model", default="vit_base_patch16_224")
+    parser.add_argument("--image", type=int, default=224)
+    parser.add_argument("--batches", type=int, default=8, help="calibration batches of one image (= gradients)")
+    parser.add_argument("--quick", action="store_true", help="vit_tiny_patch16_224 at 64 px; results not written")
+    parser.add_argument("--out", default="/tmp/hf_prune_distributed_ovit")
+    args = parser.parse_args()
+    if args.worker:
+        return worker(args.worker, args.model, args.image, args.batches)
+    if args.quick:
+        args.model, args.image = "vit_tiny_patch16_224", 64
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.common import env_info, header_md, md_table, write_results
+
+    info = env_info()
+    rows = launch(1, Path(args.out, "one"), args) + launch(2, Path(args.out, "two"), args)
+    one, two = rows[0], rows[1:]
+    same = len({r["weights_digest"] for r in rows}) == 1
+    ratio_added = max(r["added_mib"] for r in two) / max(one["added_mib"], 1)
+    ratio_peak = max(r["peak_rss_mib"] for r in two) / max(one["peak_rss_mib"], 1)
+    notes = [f"model: timm `{args.model}` at {args.image} px, random weights; calibration: {args.batches} batches of "
+             "one real digit (sklearn), labels for the cross-entropy gradients",
+             f"oViT settings: {SETTINGS} (gradient-matrix Fisher: m × d fp32 per rank's layers)",
+             "memory: peak RSS of each process (`resource.getrusage(RUSAGE_SELF).ru_maxrss`), RSS just before "
+             "pruning, and their difference; `fisher MiB` is oViT's own count of the Fisher information held",
+             f"identical masks and weights in all three processes: {same}",
+             f"2 ranks / 1 rank: largest added memory {ratio_added:.2f}, largest peak RSS {ratio_peak:.2f}"]
+    columns = ["ranks", "rank", "fisher MiB", "RSS before MiB", "peak RSS MiB", "added MiB", "gradients s",
+               "sweep s", "total s"]
+    table = md_table(columns, [[r["world"], r["rank"], r["fisher_mib"], r["rss_before_mib"], r["peak_rss_mib"],
+                                r["added_mib"], r["grad_seconds"], r["sweep_seconds"], r["seconds"]] for r in rows])
+    markdown = header_md("Distributed oViT calibration: memory per process, 1 vs 2 ranks", info, notes) + "\n" + table
+    data = {"env": info, "settings": SETTINGS, "model": args.model, "image": args.image, "batches": args.batches,
+            "rows": rows, "identical": same, "ratio_added": ratio_added, "ratio_peak": ratio_peak}
+    print(markdown)
+    if not args.quick:
+        write_results("distributed_ovit", markdown, data)
+
+
+if __name__ == "__main__":
+    main()
