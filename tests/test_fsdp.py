@@ -138,3 +138,14 @@ def test_stagewise_refuses_sharding():
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
     with pytest.raises(PruningError, match="functional_call"):
         StageWiseCallback(target_macs=0.7).before_sharding(model)
+
+
+def test_deepspeed_zero3_partitions_are_refused():
+    from hf_prune.errors import PruningError
+    from hf_prune.methods.magnitude.callback import MagnitudeCallback
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    model[0].weight.ds_status = "NOT_AVAILABLE"  # what ZeRO-3 leaves on every parameter it partitions
+    for call in (lambda cb: cb.setup(model, total_steps=4), lambda cb: cb.before_sharding(model)):
+        with pytest.raises(PruningError, match="ZeRO-3"):
+            call(MagnitudeCallback(sparsity=0.5))

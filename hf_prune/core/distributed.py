@@ -116,6 +116,16 @@ def has_sharded_parameters(model: nn.Module) -> bool:
     return any(is_sharded(p) for p in model.parameters())
 
 
+def check_shardable(model: nn.Module) -> None:
+    """Refuse parameters partitioned in a way hf_prune cannot address: DeepSpeed ZeRO-3 keeps each
+    parameter as a flat slice (``ds_tensor``) with an empty ``.data``, which tracing, scores and masks
+    would read as an empty model."""
+    if any(hasattr(p, "ds_status") for p in model.parameters()):
+        raise PruningError("the model's parameters are partitioned by DeepSpeed ZeRO-3 (flat slices, empty .data), "
+                           "which hf_prune's callbacks cannot address; shard with FSDP2 instead (torch's "
+                           "fully_shard, or accelerate's --use_fsdp --fsdp_version 2)")
+
+
 def local_part(t: torch.Tensor) -> torch.Tensor:
     """This rank's part of ``t`` (the tensor itself unless sharded), detached; writes reach ``t``."""
     return (t.to_local() if is_sharded(t) else t).detach()

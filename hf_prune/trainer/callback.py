@@ -90,8 +90,8 @@ from transformers import TrainerCallback
 
 from ..config import PruningConfig
 from ..core.checks import check_int
-from ..core.distributed import broadcast_, copy_extra_state, gather_full_, has_sharded_parameters, is_main_process, \
-    meta_copy, scatter_full_, unwrap
+from ..core.distributed import broadcast_, check_shardable, copy_extra_state, gather_full_, has_sharded_parameters, \
+    is_main_process, meta_copy, scatter_full_, unwrap
 from ..core.inputs import model_device, to_device
 from ..core.record import copy_record, write_record
 from ..core.schedules import SparsitySchedule, target_from_amount
@@ -242,6 +242,7 @@ class PruningCallback(TrainerCallback):
         if self.sharding_unsupported:
             raise PruningError(f"{type(self).__name__} cannot train sharded (FSDP2) parameters: "
                                f"{self.sharding_unsupported}")
+        check_shardable(model)
         self.wrap(model)
         self.full_copy = meta_copy(model)
         return model
@@ -261,6 +262,7 @@ class PruningCallback(TrainerCallback):
         if self.ready and self.trained_model is model and not self.finished:
             self.total_steps = total_steps  # a further train() on the same model: keep the method's state
             return
+        check_shardable(model)
         self._reset()
         sharded = has_sharded_parameters(model)
         work = self._gathered_copy(model) if sharded else model
@@ -414,6 +416,7 @@ class PruningCallback(TrainerCallback):
             if fsdp_requested(args):  # accelerate shards the model later, in train()
                 self.before_sharding(model)
             else:
+                check_shardable(unwrap(model))
                 self.wrap(unwrap(model))
 
     def on_train_begin(self, args, state, control, model=None, train_dataloader=None, **kwargs):
