@@ -86,6 +86,8 @@ def launch(nproc: int, out_dir: Path, args) -> list[dict]:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     out_dir.mkdir(parents=True, exist_ok=True)
+    for old in out_dir.glob("rank*.json"):
+        old.unlink()
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), CUDA_VISIBLE_DEVICES="")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
            "127.0.0.1", "--master_port", str(port), __file__, "--worker", str(out_dir), "--model", args.model,

@@ -117,13 +117,19 @@ def has_sharded_parameters(model: nn.Module) -> bool:
 
 
 def check_shardable(model: nn.Module) -> None:
-    """Refuse parameters partitioned in a way hf_prune cannot address: DeepSpeed ZeRO-3 keeps each
-    parameter as a flat slice (``ds_tensor``) with an empty ``.data``, which tracing, scores and masks
-    would read as an empty model."""
-    if any(hasattr(p, "ds_status") for p in model.parameters()):
-        raise PruningError("the model's parameters are partitioned by DeepSpeed ZeRO-3 (flat slices, empty .data), "
-                           "which hf_prune's callbacks cannot address; shard with FSDP2 instead (torch's "
-                           "fully_shard, or accelerate's --use_fsdp --fsdp_version 2)")
+    """Refuse parameters partitioned in a way hf_prune cannot address: flat slices of flattened
+    parameters, which tracing, scores and masks would read as an empty or different model — DeepSpeed
+    ZeRO-3 (``ds_tensor`` per parameter, empty ``.data``) and FSDP1 (``FlatParameter`` shards)."""
+    fsdp1 = sys.modules.get("torch.distributed.fsdp.fully_sharded_data_parallel")
+    if fsdp1 is not None and any(isinstance(m, fsdp1.FullyShardedDataParallel) for m in model.modules()):
+        kind = "FSDP1 (FullyShardedDataParallel, flat parameters)"
+    elif any(hasattr(p, "ds_status") for p in model.parameters()):
+        kind = "DeepSpeed ZeRO-3 (flat slices, empty .data)"
+    else:
+        return
+    raise PruningError(f"the model's parameters are partitioned by {kind}, which hf_prune's callbacks cannot "
+                       "address; shard with FSDP2 instead (torch's fully_shard, accelerate's --use_fsdp "
+                       "--fsdp_version 2, or TrainingArguments(fsdp_config={'version': 2}))")
 
 
 def local_part(t: torch.Tensor) -> torch.Tensor:
