@@ -25,7 +25,8 @@ def partitioned_curves(model: nn.Module, calib, masks, config: RDConfig) -> RDCu
     got = exchange_ragged(local, owner)
     halves = [(got[n][:got[n].numel() // 2], got[n][got[n].numel() // 2:]) for n in masks.layers]
     return RDCurves(names=masks.layers, sizes=[masks.weight(n).numel() for n in masks.layers],
-                    pruned=[[int(k) for k in p.tolist()] for p, _ in halves], distortion=[d.tolist() for _, d in halves],
+                    pruned=[[int(k) for k in p.tolist()] for p, _ in halves],
+                    distortion=[d.tolist() for _, d in halves],
                     reduction=config.reduction, seconds=mine.seconds if mine else 0.0,
                     forwards=mine.forwards if mine else 0, samples=mine.samples if mine else 0,
                     extra={"layers_measured_here": len(own)})
