@@ -52,7 +52,7 @@ def _peak_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def worker(out_dir: str, model_name: str, image: int, batches: int) -> None:
+def worker(out_dir: str, model_name: str, image: int, batches: int, chunk_mb: int) -> None:
     """One rank: build, calibrate, prune, report."""
     import timm
     import torch
@@ -74,7 +74,7 @@ def worker(out_dir: str, model_name: str, image: int, batches: int) -> None:
     _reset_peak()
     info: dict = {}
     t0 = time.perf_counter()
-    hf_prune.prune(model, "ovit", calib=calib, distributed=True, info=info, **SETTINGS)
+    hf_prune.prune(model, "ovit", calib=calib, distributed=True, info=info, chunk_bytes=chunk_mb << 20, **SETTINGS)
     seconds = time.perf_counter() - t0
     during = _status_mib("VmHWM")
     h = hashlib.sha256()
@@ -101,7 +101,7 @@ def launch(nproc: int, out_dir: Path, args) -> list[dict]:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), CUDA_VISIBLE_DEVICES="")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
            "127.0.0.1", "--master_port", str(port), __file__, "--worker", str(out_dir), "--model", args.model,
-           "--image", str(args.image), "--batches", str(args.batches)]
+           "--image", str(args.image), "--batches", str(args.batches), "--chunk-mb", str(args.chunk_mb)]
     subprocess.run(cmd, check=True, env=env, cwd=ROOT)
     return [json.loads(Path(out_dir, f"rank{r}.json").read_text()) for r in range(nproc)]
 
@@ -112,11 +112,13 @@ def main() -> None:
     parser.add_argument("--model", default="vit_base_patch16_224")
     parser.add_argument("--image", type=int, default=224)
     parser.add_argument("--batches", type=int, default=8, help="calibration batches of one image (= gradients)")
+    parser.add_argument("--chunk-mb", type=int, default=256, help="oViT's chunk_bytes in MiB (the library default: 256)")
+    parser.add_argument("--stem", default="distributed_ovit", help="result file name in benchmarks/results")
     parser.add_argument("--quick", action="store_true", help="vit_tiny_patch16_224 at 64 px; results not written")
     parser.add_argument("--out", default="/tmp/hf_prune_distributed_ovit")
     args = parser.parse_args()
     if args.worker:
-        return worker(args.worker, args.model, args.image, args.batches)
+        return worker(args.worker, args.model, args.image, args.batches, args.chunk_mb)
     if args.quick:
         args.model, args.image = "vit_tiny_patch16_224", 64
     sys.path.insert(0, str(ROOT))
@@ -131,7 +133,8 @@ def main() -> None:
     ratio_fisher = max(r["fisher_mib"] for r in two) / max(one["fisher_mib"], 1)
     notes = [f"model: timm `{args.model}` at {args.image} px, random weights; calibration: {args.batches} batches of "
              "one real digit (sklearn), labels for the cross-entropy gradients",
-             f"oViT settings: {SETTINGS} (gradient-matrix Fisher: m × d fp32 per rank's layers)",
+             f"oViT settings: {SETTINGS}, chunk_bytes={args.chunk_mb} MiB (gradient-matrix Fisher: m × d fp32 "
+             "for the rank's layers)",
              "memory per process: RSS just before pruning (`VmRSS`); peak RSS while pruning (`VmHWM`, reset through "
              "/proc/self/clear_refs just before); added = their difference; lifetime peak = "
              "`resource.getrusage(RUSAGE_SELF).ru_maxrss`; `fisher MiB` is oViT's own count of the Fisher "
@@ -146,12 +149,12 @@ def main() -> None:
                                 r["added_mib"], r["peak_rss_mib"], r["grad_seconds"], r["sweep_seconds"],
                                 r["seconds"]] for r in rows])
     markdown = header_md("Distributed oViT calibration: memory per process, 1 vs 2 ranks", info, notes) + "\n" + table
-    data = {"env": info, "settings": SETTINGS, "model": args.model, "image": args.image, "batches": args.batches,
+    data = {"env": info, "settings": {**SETTINGS, "chunk_bytes": args.chunk_mb << 20}, "model": args.model, "image": args.image, "batches": args.batches,
             "rows": rows, "identical": same, "ratio_added": ratio_added, "ratio_peak": ratio_peak,
             "ratio_fisher": ratio_fisher}
     print(markdown)
     if not args.quick:
-        write_results("distributed_ovit", markdown, data)
+        write_results(args.stem, markdown, data)
 
 
 if __name__ == "__main__":
