@@ -495,13 +495,6 @@ class PruningCallback(TrainerCallback):
                 logger.warning("hf_prune: the pruned model was written to %s (the Trainer's model stays sharded, "
                                "in its training form)", path)
 
-
-def fsdp_requested(args) -> bool:
-    """Whether the Trainer's arguments (or accelerate's launch environment) ask for FSDP."""
-    if getattr(args, "fsdp", None) or (getattr(args, "fsdp_config", None) or {}).get("version") == 2:
-        return True
-    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true", "yes")
-
     def on_push_begin(self, args, state, control, **kwargs):
         # Trainer.push_to_hub (the caller of this event) writes its own card after saving: make it ours.
         from transformers import Trainer
@@ -509,6 +502,13 @@ def fsdp_requested(args) -> bool:
         trainer = _calling_instance(Trainer)
         if trainer is not None:
             use_pruning_card(trainer)
+
+
+def fsdp_requested(args) -> bool:
+    """Whether the Trainer's arguments (or accelerate's launch environment) ask for FSDP."""
+    if getattr(args, "fsdp", None) or (getattr(args, "fsdp_config", None) or {}).get("version") == 2:
+        return True
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true", "yes")
 
 
 class ScheduledPruningCallback(PruningCallback):
