@@ -28,6 +28,7 @@ import resource
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -115,7 +116,8 @@ def main() -> None:
     parser.add_argument("--chunk-mb", type=int, default=256, help="oViT's chunk_bytes in MiB (the library default: 256)")
     parser.add_argument("--stem", default="distributed_ovit", help="result file name in benchmarks/results")
     parser.add_argument("--quick", action="store_true", help="vit_tiny_patch16_224 at 64 px; results not written")
-    parser.add_argument("--out", default="/tmp/hf_prune_distributed_ovit")
+    parser.add_argument("--out", default=os.path.join(tempfile.gettempdir(), "hf_prune_distributed_ovit"),
+                        help="folder for the per-rank JSON files")
     args = parser.parse_args()
     if args.worker:
         return worker(args.worker, args.model, args.image, args.batches, args.chunk_mb)
