@@ -490,7 +490,8 @@ def _train(entry, config, training, opts) -> dict | None:
     if not trainer.is_world_process_zero():
         return None
     result = _results(opts, config, training, data, callback, trainer, before, after)
-    _save(model, opts, training, data, processor, result)
+    # under FSDP the callback pruned a gathered full copy (callback.model); the trained model holds shards
+    _save(callback.model if callback.sharded else model, opts, training, data, processor, result)
     return result
 
 

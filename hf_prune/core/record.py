@@ -67,3 +67,23 @@ def attach_spec(model: nn.Module) -> None:
                       "saving it will not give a loadable checkpoint", stacklevel=3)
         return
     mark_pruned(config)
+
+
+def copy_record(src: nn.Module, dst: nn.Module) -> None:
+    """Give ``dst`` the record and structure spec of ``src`` (a finished full-shape copy of it).
+
+    Sharded training finalizes on a full copy; the sharded model keeps its training form, so its own
+    saves must carry the same spec: they then load exactly (same structure) or are refused by the
+    loader (a structure that was compacted or merged) instead of loading as a different model.
+    """
+    record = read_record(src)
+    if record is None:
+        return
+    dst.__dict__[RECORD_ATTR] = record
+    spec = getattr(getattr(src, "config", None), "hf_prune", None)
+    config = getattr(dst, "config", None)
+    if spec is not None and config is not None and config is not getattr(src, "config", None):
+        from ..hub.base import mark_pruned
+
+        config.hf_prune = spec
+        mark_pruned(config)

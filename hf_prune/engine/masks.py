@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..core.distributed import fill_indices_, named_tensors
 from ..core.execution import single_threaded_fn
 
 ATTR = "hf_prune_mask"
@@ -96,11 +97,11 @@ class StructuredMask:
     @torch.no_grad()
     @single_threaded_fn
     def enforce(self, model: nn.Module) -> None:
-        """Zero removed slices again (call after every optimizer step)."""
-        tensors = self.graph._named_tensors()
+        """Zero removed slices of ``model`` again (call after every optimizer step). ``model`` is the traced
+        one or one of the same structure, e.g. its FSDP2-sharded original (each rank zeroes its shards)."""
+        tensors = self.graph._named_tensors() if model is self.graph.model else named_tensors(model)
         for name, dim, gone in self.removed_slices():
-            t = tensors[name]
-            t.index_fill_(dim, gone.to(t.device), 0)
+            fill_indices_(tensors[name], dim, gone, 0)
 
     @torch.no_grad()
     def restore(self, model: nn.Module) -> None:

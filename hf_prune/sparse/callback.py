@@ -5,7 +5,9 @@ grow on the schedule (:class:`~hf_prune.trainer.callback.ScheduledPruningCallbac
 every optimizer step and are checkpointed as JSON (run-length / bitmap form). Nothing is compacted at the
 end (unstructured sparsity keeps shapes); the zeros stay in the weights and the spec records them.
 In distributed runs the masks *and the pruned layers' weights* (OBS updates them) are broadcast from
-rank 0 after every pruning step, so every replica holds the same model.
+rank 0 after every pruning step, so every replica holds the same model. With sharded (FSDP2) parameters
+the selection runs on the full-shape copy, refreshed from the shards first; the masks are kept whole on
+every rank and each rank applies its slice of them to its shards (:func:`~hf_prune.core.distributed.multiply_`).
 
 A method's callback subclasses this and implements ``select(masks, sparsity)`` — the same selection its
 one-shot uses — with ``self.calibration()`` for its data.
@@ -14,7 +16,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..core.distributed import broadcast_
+from ..core.distributed import broadcast_, multiply_
 from ..errors import PruningError
 from ..trainer.callback import ScheduledPruningCallback
 from ..trainer.state import calib_from_dataloader
@@ -62,6 +64,7 @@ class WeightPruningCallback(ScheduledPruningCallback):
     def prune_to(self, step: int, target: dict) -> bool:
         sparsity = float(target["sparsity"])
         before = self.masks.stats()["num_pruned"]
+        self.refresh()  # sharded: the selection reads the current weights
         try:
             self.select(self.masks, sparsity)
         except PruningError as exc:
@@ -69,10 +72,16 @@ class WeightPruningCallback(ScheduledPruningCallback):
                                f"failed: {exc}") from exc
         broadcast_([self.masks[n] for n in self.masks.layers] + [self.masks.weight(n) for n in self.masks.layers])
         self.masks.enforce()
+        self.publish([f"{n}.weight" for n in self.masks.layers])  # sharded: OBS-updated weights reach the shards
         return self.masks.stats()["num_pruned"] != before
 
     def enforce(self) -> None:
-        self.masks.enforce()
+        if not self.sharded:
+            self.masks.enforce()
+            return
+        modules = dict(self.trained_model.named_modules())
+        for n in self.masks.layers:
+            multiply_(modules[n].weight, self.masks[n])
 
     def counts(self) -> dict:
         s = self.masks.stats()
@@ -93,5 +102,7 @@ class WeightPruningCallback(ScheduledPruningCallback):
         super().load_state_dict(state, tensors)
         self.masks.load_state_dict(state["weight_masks"])
         self.masks.enforce()
+        if self.sharded:
+            self.enforce()
         if get_weight_masks(self.model) is not self.masks:
             self.masks.attach(self.model)

@@ -48,10 +48,37 @@ training items when not given), then on resume the state in ``checkpoint-<t>/hf_
 
 **Distributed.** Every process runs the same callback on its own replica; methods make the inputs of
 each decision identical with :mod:`hf_prune.core.distributed` and check the outcome across ranks.
+
+**Sharded parameters (FSDP2).** When the trained model's parameters are ``DTensor`` shards
+(``torch.distributed.fsdp.fully_shard``), the method plans on a *full-shape copy*: ``self.model`` is that
+copy (taken on the meta device by :meth:`PruningCallback.before_sharding` — before ``fully_shard`` — and
+filled once in :meth:`setup` by gathering the shards), ``self.trained_model`` the sharded model being
+trained. Tracing, allocation, the compaction checks and, at :meth:`finish`, compaction / merging run on
+the copy, refreshed from the shards (:func:`~hf_prune.core.distributed.gather_full_`); scores are
+computed per shard and summed across ranks, and masks and gradient edits are applied to each rank's
+local shards (:mod:`hf_prune.core.distributed`). What :meth:`prepare` changes on the copy (BatchNorm
+calibration) is written back to the shards, and module extra state (UPDP's annealing coefficient) is
+copied to the trained model after every :meth:`apply`. The order in a plain loop::
+
+    cb.before_sharding(model)          # wrap() (UPDP adds its BNs) + the full-shape copy, before fully_shard
+    for block in blocks: fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    optimizer = torch.optim.AdamW(model.parameters())
+    cb.setup(model, total_steps=N, example_inputs=x)   # gathers the full weights once, traces the copy
+    ...                                # the loop above, unchanged
+    pruned = cb.finish()               # every rank: gather, compact / merge; a plain full model
+    if dist.get_rank() == 0: hf_prune.save_pretrained(pruned, "out")
+
+With a Trainer (accelerate's FSDP2), ``on_init_end`` runs before accelerate shards the model, so the
+copy is taken there when FSDP is configured; at the end rank 0 writes the pruned model to
+``<output_dir>/pruned``. The trained model keeps the record too, so ``trainer.save_model()`` of the
+sharded (masked, unmerged) model gives a checkpoint that loads exactly (weight methods) or is refused
+(a structure that was compacted or merged), never a silently different model.
 """
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -63,9 +90,10 @@ from transformers import TrainerCallback
 
 from ..config import PruningConfig
 from ..core.checks import check_int
-from ..core.distributed import broadcast_, unwrap
+from ..core.distributed import broadcast_, check_shardable, copy_extra_state, gather_full_, has_sharded_parameters, \
+    is_main_process, meta_copy, scatter_full_, unwrap
 from ..core.inputs import model_device, to_device
-from ..core.record import write_record
+from ..core.record import copy_record, write_record
 from ..core.schedules import SparsitySchedule, target_from_amount
 from ..errors import PruningError
 from .state import STATE_NAME, STATE_VERSION, example_inputs_from_dataloader, read_state, \
@@ -147,15 +175,20 @@ class PruningCallback(TrainerCallback):
 
     config_class: ClassVar[type] = PruningConfig
     needs_example_inputs: ClassVar[bool] = True
+    #: None, or why this method cannot train sharded (FSDP2) parameters
+    sharding_unsupported: ClassVar[str | None] = None
 
     def __init__(self, config=None, *, example_inputs=None, **fields):
         self.config = self.config_class.build(config, **fields)
         self.example_inputs = example_inputs
         self.train_dataloader = None
+        self.full_copy: nn.Module | None = None  # taken by before_sharding()
         self._reset()
 
     def _reset(self) -> None:
-        self.model: nn.Module | None = None
+        self.model: nn.Module | None = None  # what the method plans on (the full-shape copy when sharded)
+        self.trained_model: nn.Module | None = None  # what the optimizer trains
+        self.sharded = False
         self.total_steps: int | None = None
         self.step = 0
         self.ready = False
@@ -201,8 +234,24 @@ class PruningCallback(TrainerCallback):
         return {}
 
     # ------------------------------------------------------------------ plain-loop driver
+    def before_sharding(self, model: nn.Module) -> nn.Module:
+        """Before ``fully_shard`` (FSDP2, plain loops; a Trainer does it in ``on_init_end``): :meth:`wrap`, then
+        keep a full-shape copy of the model on the meta device for planning once its parameters are sharded.
+        Returns the (unwrapped) model."""
+        model = unwrap(model)
+        if self.sharding_unsupported:
+            raise PruningError(f"{type(self).__name__} cannot train sharded (FSDP2) parameters: "
+                               f"{self.sharding_unsupported}")
+        check_shardable(model)
+        self.wrap(model)
+        self.full_copy = meta_copy(model)
+        return model
+
     def setup(self, model: nn.Module, total_steps: int, example_inputs=None) -> None:
-        """Prepare the method on ``model`` (a DDP / DataParallel wrapper is unwrapped) for ``total_steps``."""
+        """Prepare the method on ``model`` (a DDP / DataParallel wrapper is unwrapped) for ``total_steps``.
+
+        Sharded (FSDP2) parameters need :meth:`before_sharding` first; every rank then calls this together
+        (the full weights are gathered once)."""
         model = unwrap(model)
         if not isinstance(model, nn.Module):
             raise PruningError(f"model is a {type(model).__name__}, not a torch.nn.Module; pass the model being "
@@ -210,20 +259,48 @@ class PruningCallback(TrainerCallback):
         total_steps = check_int("total_steps", total_steps,
                                 meaning="the number of optimizer steps; set TrainingArguments.max_steps or "
                                         "num_train_epochs")
-        if self.ready and self.model is model and not self.finished:
+        if self.ready and self.trained_model is model and not self.finished:
             self.total_steps = total_steps  # a further train() on the same model: keep the method's state
             return
+        check_shardable(model)
         self._reset()
+        sharded = has_sharded_parameters(model)
+        work = self._gathered_copy(model) if sharded else model
         inputs = example_inputs if example_inputs is not None else self.example_inputs
         if inputs is None and self.needs_example_inputs:
             raise PruningError(f"{type(self).__name__} needs example_inputs to trace the model: pass "
                                "example_inputs= (e.g. {'pixel_values': torch.randn(2, 3, 224, 224)})")
         if inputs is not None:
-            inputs = to_device(inputs, model_device(model))
-        self.model, self.total_steps = model, total_steps
+            inputs = to_device(inputs, model_device(work))
+        self.model, self.trained_model, self.sharded, self.total_steps = work, model, sharded, total_steps
         with torch.random.fork_rng(devices=[]):
-            self.prepare(model, inputs)
+            self.prepare(work, inputs)
+        if sharded:  # what prepare changed on the copy (e.g. BatchNorm calibration) reaches the shards
+            scatter_full_(model, work)
+            copy_extra_state(work, model)
         self.ready = True
+
+    def _gathered_copy(self, model: nn.Module) -> nn.Module:
+        if self.sharding_unsupported:
+            raise PruningError(f"{type(self).__name__} cannot train sharded (FSDP2) parameters: "
+                               f"{self.sharding_unsupported}")
+        if self.full_copy is None:
+            raise PruningError(f"the model's parameters are sharded (FSDP2 DTensors), so {type(self).__name__} "
+                               "plans on a full-shape copy, which must be taken before sharding: call "
+                               "callback.before_sharding(model) before fully_shard (a Trainer does it when the "
+                               "callback is passed to Trainer(callbacks=[...]) with FSDP configured)")
+        return gather_full_(self.full_copy, model)
+
+    def refresh(self, names=None) -> None:
+        """Sharded training: update the full-shape copy (``self.model``) from the shards (all of them, or the
+        tensors ``names``). A collective; a no-op without sharding."""
+        if self.sharded:
+            gather_full_(self.model, self.trained_model, names)
+
+    def publish(self, names=None) -> None:
+        """Sharded training: write the copy's tensors (all, or ``names``) into the shards; a no-op otherwise."""
+        if self.sharded:
+            scatter_full_(self.trained_model, self.model, names)
 
     def require_setup(self) -> None:
         if not self.ready:
@@ -240,6 +317,8 @@ class PruningCallback(TrainerCallback):
         if target is not None:
             with torch.random.fork_rng(devices=[]):
                 self.apply(self.step, target)
+            if self.sharded:
+                copy_extra_state(self.model, self.trained_model)
         return target
 
     def pre_optimizer_step(self) -> None:
@@ -255,6 +334,7 @@ class PruningCallback(TrainerCallback):
         """Finalize the method and write its record and structure spec onto the model."""
         if not self.ready or self.finished:
             return self.model
+        self.refresh()  # sharded: the copy gets the trained weights, and the method finalizes on it
         # DDP keeps parameters in sync, but buffers (BatchNorm statistics) hold what each rank's last local
         # batch left: finalize (merge, compact, extract) from rank 0's, so every rank ends with the same model.
         broadcast_(list(self.model.buffers()))
@@ -262,8 +342,20 @@ class PruningCallback(TrainerCallback):
         if stats is None:  # the method left the model in its training form (e.g. compact_at_end=False)
             return self.model
         self.record = write_record(self.model, self.config, stats)
+        if self.sharded:  # a later save of the sharded model then loads exactly or is refused (see above)
+            copy_record(self.model, self.trained_model)
         self.finished = True
         return self.model
+
+    def save_pruned(self, directory) -> Path | None:
+        """Write the finished model with :func:`hf_prune.save_pretrained`, on the main process only."""
+        if not self.finished:
+            raise PruningError(f"{type(self).__name__} has not finished: call finish() first (on every rank)")
+        if not is_main_process():
+            return None
+        from ..hub.io import save_pretrained
+
+        return save_pretrained(self.model, directory)
 
     def log_entries(self) -> dict:
         if not self.ready:
@@ -272,8 +364,11 @@ class PruningCallback(TrainerCallback):
                 if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
     # ------------------------------------------------------------------ checkpoints
-    def save_state(self, directory) -> Path:
+    def save_state(self, directory) -> Path | None:
+        """Write the method's state into ``directory`` (on the main process only; every rank may call it)."""
         self.require_setup()
+        if not is_main_process():
+            return None
         payload = {"format_version": STATE_VERSION, "callback": type(self).__name__, "method": self.method,
                    "config": self.config.to_dict(), "global_step": int(self.step), "total_steps": self.total_steps,
                    "state": self.state_dict()}
@@ -293,6 +388,8 @@ class PruningCallback(TrainerCallback):
         except (KeyError, TypeError, ValueError) as exc:
             raise PruningError(f"{Path(directory) / STATE_NAME}: the saved state is incomplete or inconsistent "
                                f"({type(exc).__name__}: {exc}); resume from another checkpoint") from exc
+        if self.sharded:
+            copy_extra_state(self.model, self.trained_model)
         self.step = payload["global_step"]
 
     # ------------------------------------------------------------------ Trainer events
@@ -316,14 +413,18 @@ class PruningCallback(TrainerCallback):
     def on_init_end(self, args, state, control, model=None, **kwargs):
         self._run_first()
         if model is not None:
-            self.wrap(unwrap(model))
+            if fsdp_requested(args):  # accelerate shards the model later, in train()
+                self.before_sharding(model)
+            else:
+                check_shardable(unwrap(model))
+                self.wrap(unwrap(model))
 
     def on_train_begin(self, args, state, control, model=None, train_dataloader=None, **kwargs):
         self._run_first()
         self.train_dataloader = train_dataloader
         model = unwrap(model)
         inputs = self.example_inputs
-        if inputs is None and not (self.ready and self.model is model and not self.finished):
+        if inputs is None and not (self.ready and self.trained_model is model and not self.finished):
             try:
                 inputs = example_inputs_from_dataloader(train_dataloader, label_names=getattr(args, "label_names",
                                                                                                None))
@@ -346,7 +447,8 @@ class PruningCallback(TrainerCallback):
                 payload, _ = read_state(c, type(self).__name__)
                 if payload["global_step"] != state.global_step:
                     continue
-                reload_checkpoint_weights(self.model, c)
+                if not self.sharded:  # sharded checkpoints are the Trainer's (accelerate's) to load
+                    reload_checkpoint_weights(self.model, c)
                 self.load_state(c)
                 logger.info("hf_prune: resumed %s at step %d from %s (%s)", type(self).__name__, state.global_step,
                             c / STATE_NAME, ", ".join(f"{k}={v}" for k, v in self.stats().items()))
@@ -387,6 +489,11 @@ class PruningCallback(TrainerCallback):
 
     def on_train_end(self, args, state, control, **kwargs):
         self.finish()
+        if self.sharded and self.finished:
+            path = self.save_pruned(Path(args.output_dir) / "pruned")
+            if path is not None:
+                logger.warning("hf_prune: the pruned model was written to %s (the Trainer's model stays sharded, "
+                               "in its training form)", path)
 
     def on_push_begin(self, args, state, control, **kwargs):
         # Trainer.push_to_hub (the caller of this event) writes its own card after saving: make it ours.
@@ -395,6 +502,13 @@ class PruningCallback(TrainerCallback):
         trainer = _calling_instance(Trainer)
         if trainer is not None:
             use_pruning_card(trainer)
+
+
+def fsdp_requested(args) -> bool:
+    """Whether the Trainer's arguments (or accelerate's launch environment) ask for FSDP."""
+    if getattr(args, "fsdp", None) or (getattr(args, "fsdp_config", None) or {}).get("version") == 2:
+        return True
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true", "yes")
 
 
 class ScheduledPruningCallback(PruningCallback):

@@ -11,7 +11,8 @@ import warnings
 import torch
 from torch import nn
 
-from ...core.distributed import check_same_everywhere, sync_scores
+from ...core.distributed import (ShardedSum, check_same_everywhere, local_part, named_tensors, shard_region,
+                                 sync_scores)
 from ...engine.importance import unit_scores
 from ...engine.pruner import StructuredPruner, compact
 from ...errors import ConfigError, PruningError
@@ -119,7 +120,7 @@ class DepGraphCallback(ScheduledPruningCallback):
         """Raw importance per union-find root, on this process."""
         if self.config.importance == "taylor":
             return self._taylor / max(self._taylor_count, 1)
-        return unit_scores(self.pruner.graph, self.config.importance)
+        return unit_scores(self.pruner.graph, self.config.importance, tensors=named_tensors(self.trained_model))
 
     def prune_to(self, step: int, target: dict) -> bool:
         scores = sync_scores(self.compute_scores().double(), self.config.sync)
@@ -132,6 +133,8 @@ class DepGraphCallback(ScheduledPruningCallback):
         except PruningError as exc:
             raise PruningError(f"{type(self).__name__}: pruning at step {step} to {target} failed: {exc}") from exc
         check_same_everywhere(self.pruner.removed)
+        if changed:
+            self._mask_trained()
         self._taylor, self._taylor_count = None, 0
         return changed
 
@@ -145,7 +148,15 @@ class DepGraphCallback(ScheduledPruningCallback):
     def enforce(self) -> None:
         mask = self.pruner.mask
         if mask is not None:
-            mask.enforce(self.model)
+            mask.enforce(self.trained_model)
+
+    def _mask_trained(self) -> None:
+        """Sharded training: the pruner masked the full-shape copy; mask the trained model's shards too, and
+        give its normalisations the same hooks (they are removed with the copy's when the mask changes)."""
+        mask = self.pruner.mask
+        if self.sharded and mask is not None:
+            mask.install_hooks(self.trained_model)
+            mask.enforce(self.trained_model)
 
     def counts(self) -> dict:
         s = dict(self.pruner.stats())
@@ -197,6 +208,7 @@ class DepGraphCallback(ScheduledPruningCallback):
         removed = self._roots_from_slices(state["removed"])
         if removed.numel() or self.pruner.mask is not None:
             self.pruner.apply(removed)
+            self._mask_trained()
         check_same_everywhere(self.pruner.removed)
         self._taylor_count = int(state["taylor_count"])
         tensors = tensors or {}
@@ -228,24 +240,26 @@ class DepGraphCallback(ScheduledPruningCallback):
 
     # ------------------------------------------------------------------ Taylor and sparse learning
     def _prunable_params(self):
+        """The graph and ``(member, parameter of the trained model)`` pairs (its shards when sharded)."""
         g = self.pruner.graph
-        tensors = g._named_tensors()
+        tensors = named_tensors(self.trained_model)
         return g, [(m, tensors[m.tensor]) for m in g.members if m.tensor in g.param_names]
 
     @torch.no_grad()
     def _accumulate_taylor(self) -> None:
         g, members = self._prunable_params()
-        scores = torch.zeros(g.trace.uf.size, dtype=torch.float64)
+        scores = ShardedSum(g.trace.uf.size)
         cache = {}
         for m, p in members:
             if p.grad is None:
                 continue
             if m.tensor not in cache:
-                cache[m.tensor] = (p.detach().float() * p.grad.detach().float()).abs()
+                cache[m.tensor] = (local_part(p).float() * local_part(p.grad).float()).abs()
             s = cache[m.tensor]
             dims = [d for d in range(s.dim()) if d != m.dim]
             per_index = s.sum(dim=dims) if dims else s
-            scores.index_add_(0, m.units, per_index.double().cpu())
+            scores.add(m.units[shard_region(p)[m.dim]], per_index.double(), p)
+        scores = scores.total()
         self._taylor = scores if self._taylor is None else self._taylor + scores
         self._taylor_count += 1
 
@@ -253,7 +267,7 @@ class DepGraphCallback(ScheduledPruningCallback):
     def _regularize(self) -> None:
         c = self.config
         g, members = self._prunable_params()
-        sq = unit_scores(g, "l2")  # ||w_u||² over every slice of unit u
+        sq = unit_scores(g, "l2", tensors=named_tensors(self.trained_model))  # ||w_u||² over every slice of unit u
         keep = g.keep_mask(self.pruner.removed)
         coef = torch.zeros_like(sq)
         for grp in g.groups:
@@ -271,9 +285,10 @@ class DepGraphCallback(ScheduledPruningCallback):
         for m, p in members:
             if p.grad is None or not p.requires_grad:
                 continue
-            cm = coef[m.units]
+            cm = coef[m.units[shard_region(p)[m.dim]]]
             if not bool(cm.any()):
                 continue
             shape = [1] * p.dim()
             shape[m.dim] = -1
-            p.grad.add_(p.detach() * cm.to(p.device, p.grad.dtype).view(shape))
+            w, grad = local_part(p), local_part(p.grad)
+            grad.add_(w * cm.to(grad.device, grad.dtype).view(shape))

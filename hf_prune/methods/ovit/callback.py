@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import torch
 
+from ...core.distributed import full_value
 from ...sparse.callback import WeightPruningCallback
+from ...sparse.distributed import owned_layers
 from .config import OViTConfig
-from .obs import ovit_prune
+from .oneshot import partitioned_ovit
 
 __all__ = ["OViTCallback"]
 
@@ -21,6 +23,10 @@ class OViTCallback(WeightPruningCallback):
     gradients before each pruning step, captured after clipping and DDP averaging (train mode; a pruning
     step waits until ``num_grads`` were seen, except at the schedule's last step). That buffer holds
     ``num_grads × prunable weights`` floats only in the window before a pruning step.
+
+    Distributed (DDP or FSDP2): every rank computes gradients, Fisher blocks and removals for its own share
+    of the layers only, and keeps training gradients only for those (:func:`~hf_prune.methods.ovit.oneshot.
+    partitioned_ovit`); sharded gradients are gathered layer by layer.
     """
 
     config_class = OViTConfig
@@ -52,16 +58,20 @@ class OViTCallback(WeightPruningCallback):
         if not self._training_grads() or not self._in_window():
             return
         m = self.config.num_grads
-        if any(self.masks.weight(n).grad is None for n in self.masks.layers):
+        modules = dict(self.trained_model.named_modules())  # gradients live on the trained model (sharded or not)
+        weights = {n: modules[n].weight for n in self.masks.layers}
+        if any(w.grad is None for w in weights.values()):
             return
+        own = set(owned_layers(self.masks)[0])
         if self._grads is None:
             self._grads = {n: torch.zeros((m, self.masks.weight(n).numel()), dtype=torch.float32)
-                           for n in self.masks.layers}
+                           for n in self.masks.layers if n in own}
             self._grad_count = 0
         slot = self._grad_count % m
-        for n in self.masks.layers:
-            w = self.masks.weight(n)
-            self._grads[n][slot].copy_((w.grad.detach() * self.masks[n].to(w.grad.dtype)).reshape(-1))
+        for n, w in weights.items():
+            grad = full_value(w.grad)  # every rank, every layer: gathering a sharded gradient is collective
+            if n in own:
+                self._grads[n][slot].copy_((grad * self.masks[n].to(grad.device, grad.dtype)).reshape(-1))
         self._grad_count += 1
 
     def select(self, masks, sparsity: float) -> dict:
@@ -75,6 +85,6 @@ class OViTCallback(WeightPruningCallback):
         else:
             calib = self.calibration()
         try:
-            return ovit_prune(self.model, sparsity, calib, masks=masks, **opts)
+            return partitioned_ovit(self.model, sparsity, calib, masks, **opts)
         finally:
             self._grads, self._grad_count = None, 0

@@ -679,7 +679,7 @@ def ovit_prune(model: nn.Module, sparsity: float, calib, *, block_size: int = 64
                masks: WeightMasks | None = None, grads: Mapping[str, torch.Tensor] | None = None, loss_fn=None,
                dtype: torch.dtype = torch.float64, grad_dtype: torch.dtype = torch.float32, fisher: str = "auto",
                max_fisher_mb: float | None = None, chunk_bytes: int = 256 << 20, num_threads: int | None = None,
-               info: dict | None = None, **layer_opts) -> dict:
+               info: dict | None = None, layers: Sequence[str] | None = None, exchange=None, **layer_opts) -> dict:
     """One-shot oViT pruning of ``model`` in place to ``sparsity`` (fraction of the prunable weights).
 
     ``block_size`` (B), ``num_grads`` (m), ``damping`` (λ): see the module docstring. ``nm=(2, 4)``
@@ -693,6 +693,12 @@ def ovit_prune(model: nn.Module, sparsity: float, calib, *, block_size: int = 64
     passes per group (see the module docstring). ``info`` receives timings and sizes. ``masks``: the
     :class:`~hf_prune.sparse.masks.WeightMasks` to grow (:func:`hf_prune.prune` with ``method="ovit"``
     finds the layers and makes it transactional).
+
+    Layer partitioning (distributed calibration, :mod:`hf_prune.sparse.distributed`): ``layers`` is the
+    subset of ``masks.layers`` this call computes gradients, Fisher and removals for (default: all); the
+    others are left as they are. With the global threshold, ``exchange({layer: accumulated losses})``
+    must fill in, in place, the losses of the layers not in ``layers`` (computed elsewhere) before the
+    threshold is taken over all of them.
     """
     if masks is None:
         raise TypeError("ovit_prune needs the WeightMasks to grow (masks=); to prune a model call "
@@ -705,18 +711,20 @@ def ovit_prune(model: nn.Module, sparsity: float, calib, *, block_size: int = 64
         raise ValueError(f"damping={damping} must be > 0")
     if max_fisher_mb is not None and not max_fisher_mb > 0:
         raise ValueError(f"max_fisher_mb={max_fisher_mb} must be > 0 (MiB), or None for no limit")
-    names = masks.layers
-    if grads is not None:
+    names = masks.layers if layers is None else [n for n in masks.layers if n in set(layers)]
+    if grads:
         num_grads = int(next(iter(grads.values())).shape[0])
     mode = choose_fisher(fisher, num_grads, block_size, dtype, grad_dtype, have_grads=grads is not None)
     layers = [_LayerOBS(n, masks.weight(n), masks[n], block_size=block_size, damping=damping, nm=nm,
                         dtype=dtype, chunk_bytes=chunk_bytes) for n in names]
     by_name = {lay.name: lay for lay in layers}
+    others = [_LayerOBS(n, masks.weight(n), masks[n], block_size=block_size, damping=damping, nm=nm, dtype=dtype,
+                        chunk_bytes=chunk_bytes) for n in masks.layers if n not in by_name]
     # precomputed gradient matrices are already in memory: nothing to bound
     sizes = {lay.name: 0 if (grads is not None and mode == "gradients") else
              fisher_bytes(lay.d, fisher=mode, block_size=lay.block_size, num_grads=num_grads, dtype=dtype,
                           grad_dtype=grad_dtype) for lay in layers}
-    groups = plan_groups(sizes, max_fisher_mb)
+    groups = [g for g in plan_groups(sizes, max_fisher_mb) if g]  # none when this process owns no layer
     source = _FisherSource(model, calib, fisher=mode, grads=grads, num_grads=num_grads, block_size=block_size,
                            masks=masks, loss_fn=loss_fn, dtype=dtype, grad_dtype=grad_dtype)
     if nm is not None:
@@ -729,7 +737,7 @@ def ovit_prune(model: nn.Module, sparsity: float, calib, *, block_size: int = 64
         from ...sparse.allocation import allocate
 
         alloc_name = allocation
-        targets = allocate(allocation, {n: masks.weight(n) for n in names}, sparsity, keep=masks.masks)
+        targets = allocate(allocation, {n: masks.weight(n) for n in masks.layers}, sparsity, keep=masks.masks)
     one_round = alloc_name != "ovit-global"  # counts known right after each layer's sweep
     t_sweep = t_apply = 0.0
     predicted = 0.0
@@ -750,7 +758,15 @@ def ovit_prune(model: nn.Module, sparsity: float, calib, *, block_size: int = 64
             if len(groups) > 1 or one_round:
                 source.drop(glayers)
         if not one_round:
-            counts = _global_counts(layers, sparsity)
+            everyone = {**by_name, **{lay.name: lay for lay in others}}
+            if others and exchange is None:
+                raise TypeError("ovit_prune(layers=...) with the global threshold needs exchange= to get the "
+                                "accumulated losses of the other layers")
+            if exchange is not None:  # the other layers' losses come from the processes that swept them
+                for lay in others:
+                    lay.acc = [torch.empty((nb, lay.steps(bs)), dtype=torch.float32) for _, bs, nb in lay.segments]
+                exchange({n: everyone[n].acc for n in masks.layers})
+            counts = _global_counts([everyone[n] for n in masks.layers], sparsity)
             for group in groups:  # pass 2: the Fisher of each group again (rebuilt only with several groups)
                 glayers = [by_name[n] for n in group]
                 if glayers[0].fisher is None:
@@ -764,10 +780,10 @@ def ovit_prune(model: nn.Module, sparsity: float, calib, *, block_size: int = 64
     masks.enforce()
     if info is not None:
         info.update(grad_seconds=source.seconds, accumulate_seconds=source.accumulate_seconds,
-                    sweep_seconds=t_sweep, apply_seconds=t_apply, num_grads=int(source.count),
+                    sweep_seconds=t_sweep, apply_seconds=t_apply, num_grads=int(source.count or 0),
                     predicted_loss=predicted, fisher=mode, groups=len(groups),
                     gradient_rounds=source.rounds, fisher_bytes=int(sum(sizes.values())),
-                    max_group_fisher_bytes=int(max(sum(sizes[n] for n in g) for g in groups)),
+                    max_group_fisher_bytes=int(max((sum(sizes[n] for n in g) for g in groups), default=0)),
                     grad_bytes=int(sum(g.numel() * g.element_size() for g in grads.values())) if grads is not None
                     else (int(sum(sizes.values())) if mode == "gradients" else 0))
     return {"allocation": alloc_name, "predicted_loss": predicted}

@@ -19,4 +19,5 @@ class RDCallback(WeightPruningCallback):
     config_class = RDConfig
 
     def select(self, masks, sparsity: float) -> dict:
-        return select_rd(self.model, masks, sparsity, self.calibration(), self.config)
+        # every rank runs the callback: the curves are measured by layer share (hf_prune.sparse.distributed)
+        return select_rd(self.model, masks, sparsity, self.calibration(), self.config, distributed=True)

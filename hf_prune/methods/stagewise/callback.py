@@ -63,6 +63,10 @@ class StageWiseCallback(PruningCallback):
     """
 
     config_class = StageWiseConfig
+    sharding_unsupported = ("its subnets run through torch.func.functional_call with masked copies of the "
+                            "parameters, which FSDP2 replaces by its own gathered ones in every forward (the masks "
+                            "would be silently lost), and its teacher is a full frozen copy on every rank; train SP "
+                            "with DDP")
 
     def __init__(self, config=None, *, example_inputs=None, **fields):
         super().__init__(config, example_inputs=example_inputs, **fields)

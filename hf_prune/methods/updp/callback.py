@@ -99,7 +99,9 @@ class UPDPCallback(PruningCallback):
         new BN parameters (or add ``self.annealer.parameters()``).
         """
         c = self.config
-        if self._prewrapped is not model or not annealed_blocks(model):
+        # sharded training: ``model`` is the full-shape copy of the model wrapped before sharding
+        prewrapped = self._prewrapped is model or (self.sharded and self._prewrapped is self.trained_model)
+        if not prewrapped or not annealed_blocks(model):
             self._prewrapped = None
             self.wrap(model)
             self._late_params = [p for _, w in annealed_blocks(model) for p in w.parameters()
