@@ -1,7 +1,21 @@
+import random
+
 import pytest
 import torch
 
 from hub_server import hub_server  # noqa: F401  (the `hub_server` fixture: a local Hub-compatible server)
+
+
+@pytest.fixture(autouse=True)
+def seeded():
+    """Every test starts from the same random state, so its outcome does not depend on which tests ran before."""
+    random.seed(0)
+    torch.manual_seed(0)
+    try:
+        import numpy
+    except ImportError:
+        return
+    numpy.random.seed(0)
 
 
 @pytest.fixture
