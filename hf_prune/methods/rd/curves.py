@@ -27,10 +27,11 @@ How the curves are measured fast, and what is exact (:mod:`hf_prune.methods.rd.r
   chunk's own masked weight, and the rest of the network runs on the larger batch.
 * Both are exact: the distortion is the *network's* output distortion, as in the paper, not a layer-
   output proxy; only the order of floating-point operations changes (kernels at another batch size).
-  Every layer is checked on the first calibration batch: the unchanged weight, run the same way, must
-  reproduce the plain forward pass (relative error ≤ 1e-3 of the logits' scale); a layer that fails
-  (a model whose later code reads something the skipped prefix would have set, a reshape with a fixed
-  batch size) is measured with plain forward passes, with a warning. ``reuse_prefix=False`` measures
+  Every layer is checked first on a probe of two calibration samples: its unchanged weight, twice in
+  one batched pass from the cached prefix, must reproduce the plain forward pass (to 1e-3 of the
+  logits' scale); a layer that fails (a model whose later code reads something the skipped prefix
+  would have set, a reshape with a fixed batch size) is measured with plain forward passes, with a
+  warning, and so is any layer whose replay raises later. ``reuse_prefix=False`` measures
   every layer that way (the reference, used by the tests).
 * The cost is ``Σ_l (grid points of l) × (cost of the network after l)`` on the calibration set,
   instead of ``L × grid`` full passes; the approximation is only the paper's (additive distortion).
@@ -79,8 +80,8 @@ from ...core.inputs import batch_size
 from ...core.progress import progress
 from ...errors import PruningError
 from ...sparse.masks import WeightMasks, exact_counts, forward_logits, iter_batches, prunable_layers, select_magnitude
-from .replay import Replayer, ReplayError
 from .config import REDUCTIONS
+from .replay import Replayer, ReplayError, map_tensors
 from .schedule import rd_schedule
 
 logger = logging.getLogger(__name__)
@@ -166,6 +167,16 @@ def connected_scores(weight: torch.Tensor, keep: torch.Tensor | None = None,
     return score, int(protected.sum())
 
 
+def _protected_count(weight: torch.Tensor, keep: torch.Tensor | None, min_per_row: int) -> int:
+    """How many weights :func:`connected_scores` protects: ``min(min_per_row, kept in the row)`` per row."""
+    if min_per_row <= 0 or weight.dim() == 0:
+        return 0
+    rows = weight.shape[0]
+    if keep is None:
+        return rows * min(min_per_row, weight.numel() // max(rows, 1))
+    return int(keep.reshape(rows, -1).sum(1).clamp(max=min_per_row).sum())
+
+
 def select_connected(weight: torch.Tensor, sparsity: float, *, keep: torch.Tensor | None = None,
                      min_per_row: int = DEFAULT_MIN_PER_ROW) -> torch.Tensor:
     """Keep-mask pruning ``round(sparsity · n)`` weights of ``weight`` in RD's order
@@ -245,8 +256,8 @@ def _sample_distortion(y: torch.Tensor, y0: torch.Tensor) -> torch.Tensor:
 
 
 class _CurveMeter:
-    """Measures per-sample distortions of one calibration batch for every layer; keeps the plain
-    passes as the reference and fallback."""
+    """Measures per-sample distortions of one calibration batch for every layer, with the prefix
+    reused and several grid points per pass, or with plain passes (the reference and the fallback)."""
 
     def __init__(self, model: nn.Module, replayer: Replayer | None, max_batch_mb: float):
         self.model, self.replayer, self.max_batch_mb = model, replayer, max_batch_mb
@@ -274,44 +285,77 @@ class _CurveMeter:
         rows = int(self.max_batch_mb * 2 ** 20 // per_row)
         return max(1, rows // max(b, 1))
 
-    def batched(self, batch, ref: torch.Tensor, grid: _LayerGrid, ks: list[int], layer: int, cache: dict,
-                check: bool) -> list[torch.Tensor]:
-        """Distortions for ``ks`` with the prefix cached and several grid points per pass; with
-        ``check`` the unchanged weight runs first and must reproduce ``ref``."""
+    def _pass(self, batch, grid: _LayerGrid, chunk: list[int], layer: int, cache: dict, b: int) -> torch.Tensor:
+        """Logits ``(len(chunk), b, ...)``: one pass from the cached prefix, variant ``chunk[i]`` of the
+        layer's weight on the ``i``-th copy of the batch."""
+
+        def layer_fn(forward, args, kwargs):
+            if not args or args[0].shape[0] != len(chunk) * b:
+                raise ReplayError("the layer's input is not batched along its first dimension")
+            outs = []
+            for x, k in zip(args[0].chunk(len(chunk)), chunk):
+                grid.prune_to(k)
+                outs.append(forward(x, *args[1:], **kwargs))
+            grid.reset()
+            return torch.cat(outs)
+
+        try:
+            y = self.replayer.run(batch, cache, layer=layer, repeat=len(chunk), layer_fn=layer_fn)
+        finally:
+            grid.reset()
+        self.forwards += 1
+        self.max_variants = max(self.max_variants, len(chunk))
+        if y.shape[0] != len(chunk) * b:
+            raise ReplayError(f"the model returned {y.shape[0]} rows for {len(chunk)} x {b}")
+        return y.float().view(len(chunk), b, *y.shape[1:])
+
+    def batched(self, batch, ref: torch.Tensor, grid: _LayerGrid, ks: list[int], layer: int,
+                cache: dict) -> list[torch.Tensor]:
         b = ref.shape[0]
-        todo = ([grid.p0] if check else []) + list(ks)
         step = self.variants_per_pass(b)
         out = []
-        for c0 in range(0, len(todo), step):
-            chunk = todo[c0:c0 + step]
-            self.max_variants = max(self.max_variants, len(chunk))
-
-            def layer_fn(forward, args, kwargs, chunk=chunk):
-                if not args or args[0].shape[0] != len(chunk) * b:
-                    raise ReplayError("the layer's input is not batched along its first dimension")
-                outs = []
-                for x, k in zip(args[0].chunk(len(chunk)), chunk):
-                    grid.prune_to(k)
-                    outs.append(forward(x, *args[1:], **kwargs))
-                grid.reset()
-                return torch.cat(outs)
-
-            try:
-                y = self.replayer.run(batch, cache, layer=layer, repeat=len(chunk), layer_fn=layer_fn)
-            finally:
-                grid.reset()
-            self.forwards += 1
-            if y.shape[0] != len(chunk) * b:
-                raise ReplayError(f"the model returned {y.shape[0]} rows for {len(chunk)} x {b}")
-            out.extend(_sample_distortion(part, ref) for part in y.float().view(len(chunk), b, -1))
-        if check:
-            scale = float(ref.abs().max()) + 1e-12
-            err = float(out[0].max().sqrt()) if out else 0.0
-            if err > _CHECK_RTOL * scale:
-                raise ReplayError(f"the prefix-reusing pass differs from the plain pass (rms error {err:.3g} "
-                                  f"vs logits scale {scale:.3g})")
-            out = out[1:]
+        for c0 in range(0, len(ks), step):
+            y = self._pass(batch, grid, ks[c0:c0 + step], layer, cache, b)
+            out.extend(_sample_distortion(part, ref) for part in y)
         return out
+
+    def check(self, probe, names: list[str], mods: dict, grids: list[_LayerGrid], warn) -> None:
+        """Every layer on a small ``probe`` batch: the unchanged weight, twice in one batched pass from
+        the cached prefix, must reproduce the plain pass (else the layer is measured plainly)."""
+        b = batch_size(probe)
+        ref = self.reference(probe, b)
+        scale = float(ref.abs().max()) + 1e-12
+        calls = {li: self.replayer.trace_.first_call(mods[n]) for li, n in enumerate(names)}
+        cache: dict = {}
+        for li in sorted((li for li in calls if calls[li] is not None), key=calls.get):
+            g = grids[li]
+            try:
+                with g:
+                    cache = self.replayer.record(probe, calls[li], cache)
+                    y = self._pass(probe, g, [g.p0, g.p0], calls[li], cache, b)
+                err = float((y - ref).abs().max())
+                if err > _CHECK_RTOL * scale:
+                    raise ReplayError(f"the prefix-reusing pass differs from the plain pass by {err:.3g} "
+                                      f"(logits scale {scale:.3g})")
+            except Exception as exc:  # noqa: BLE001 - any failure of the replay: this layer runs plain passes
+                self.fallback[names[li]] = f"{type(exc).__name__}: {exc}"
+                warn(names[li], exc)
+                cache = {}
+
+
+def _probe(batch, rows: int = 2):
+    """The first ``rows`` samples of a batch (tensors whose first dimension is the batch size)."""
+    b = batch_size(batch)
+
+    def head(t: torch.Tensor) -> torch.Tensor:
+        return t[:rows] if t.dim() >= 1 and t.shape[0] == b else t
+
+    return map_tensors(head, batch)
+
+
+def _warn_plain(name: str, exc: BaseException) -> None:
+    warnings.warn(f"RD curves: layer {name!r} is measured with plain forward passes ({type(exc).__name__}: {exc})",
+                  stacklevel=5)
 
 
 @torch.no_grad()
@@ -356,8 +400,10 @@ def distortion_curves(model: nn.Module, calib, *, layers: Sequence[str] | None =
                    disable=None if show_progress is None else not show_progress)
     try:
         with eval_mode(model), (replayer if replayer is not None else _nothing()):
-            for bi, batch in enumerate(batches):
-                _measure_batch(meter, batch, bi == 0, names, mods, grids, per_sample, bar, t0, log_every)
+            if replayer is not None:
+                meter.check(_probe(batches[0]), names, mods, grids, _warn_plain)
+            for batch in batches:
+                _measure_batch(meter, batch, names, mods, grids, per_sample, bar, t0, log_every)
     finally:
         bar.close()
     samples = sum(len(x) for x in per_sample[0][0]) if per_sample and per_sample[0] else 0
@@ -384,8 +430,7 @@ class _nothing:
         return None
 
 
-def _measure_batch(meter: _CurveMeter, batch, first: bool, names, mods, grids, per_sample, bar, t0,
-                   log_every: int) -> None:
+def _measure_batch(meter: _CurveMeter, batch, names, mods, grids, per_sample, bar, t0, log_every: int) -> None:
     """All layers' distortions on one calibration batch, appended to ``per_sample``."""
     b = batch_size(batch)
     ref = meter.reference(batch, b)
@@ -407,11 +452,10 @@ def _measure_batch(meter: _CurveMeter, batch, first: bool, names, mods, grids, p
             else:
                 try:
                     cache = replayer.record(batch, calls[li], cache)
-                    got = meter.batched(batch, ref, g, ks, calls[li], cache, check=first)
-                except Exception as exc:  # noqa: BLE001 - any failure of the replay: the plain passes decide
+                    got = meter.batched(batch, ref, g, ks, calls[li], cache)
+                except Exception as exc:  # noqa: BLE001 - e.g. a batch of another size: the plain passes decide
                     meter.fallback[name] = f"{type(exc).__name__}: {exc}"
-                    warnings.warn(f"RD curves: layer {name!r} is measured with plain forward passes ({exc})",
-                                  stacklevel=4)
+                    _warn_plain(name, exc)
                     cache = {}
                     got = meter.plain(batch, ref, g, ks)
         it = iter(got)
@@ -571,11 +615,8 @@ def _allocate_once(model, sparsity, calib, names, masks, curves, *, grid, max_sp
     t0 = time.perf_counter()
     if unit is None:
         unit = max(1, -(-budget // max(int(max_states), 1)))
-    floors = []
-    for n in names:  # the cap, also for curves measured elsewhere
-        keep = masks[n] if masks is not None and n in masks else None
-        _, protected = connected_scores(mods[n].weight, keep, min_per_row)
-        floors.append(protected)
+    floors = [_protected_count(mods[n].weight, masks[n] if masks is not None and n in masks else None, min_per_row)
+              for n in names]  # the cap, also for curves measured elsewhere
     dp_info: dict = {}
     survivors = [[n - k for k in ks] for n, ks in zip(curves.sizes, curves.pruned)]
     picks, total = rd_dp(curves.distortion, survivors, budget, unit=unit, min_survivors=floors, info=dp_info)

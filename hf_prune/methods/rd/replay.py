@@ -41,7 +41,7 @@ from torch import nn
 
 from ...core.inputs import call_model, logits_of
 
-__all__ = ["Replayer", "ReplayError", "CallTrace", "repeat_batch"]
+__all__ = ["Replayer", "ReplayError", "CallTrace", "repeat_batch", "map_tensors"]
 
 
 class ReplayError(RuntimeError):
@@ -94,15 +94,17 @@ class CallTrace:
         return max((c.nbytes for c in self.calls), default=0) // max(self.batch, 1)
 
 
-def _map_tensors(fn: Callable[[torch.Tensor], torch.Tensor], obj):
+def map_tensors(fn: Callable[[torch.Tensor], torch.Tensor], obj):
+    """``obj`` with ``fn`` applied to every tensor in it (nested tuples, lists, namedtuples, mappings and
+    ``ModelOutput``-like dicts keep their types)."""
     if isinstance(obj, torch.Tensor):
         return fn(obj)
     if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # namedtuple
-        return type(obj)(*(_map_tensors(fn, v) for v in obj))
+        return type(obj)(*(map_tensors(fn, v) for v in obj))
     if isinstance(obj, (tuple, list)):
-        return type(obj)(_map_tensors(fn, v) for v in obj)
+        return type(obj)(map_tensors(fn, v) for v in obj)
     if isinstance(obj, Mapping):
-        items = {k: _map_tensors(fn, v) for k, v in obj.items()}
+        items = {k: map_tensors(fn, v) for k, v in obj.items()}
         if type(obj) is dict:
             return items
         try:  # transformers' ModelOutput and other dict-like outputs keep their type
@@ -120,7 +122,7 @@ def _nbytes(obj) -> int:
         total += t.numel() * t.element_size()
         return t
 
-    _map_tensors(add, obj)
+    map_tensors(add, obj)
     return total
 
 
@@ -133,11 +135,11 @@ def repeat_batch(obj, times: int, batch: int):
             return torch.cat([t] * times)
         return t.clone()
 
-    return _map_tensors(rep, obj)
+    return map_tensors(rep, obj)
 
 
 def _detached_copy(obj):
-    return _map_tensors(lambda t: t.detach().clone(), obj)
+    return map_tensors(lambda t: t.detach().clone(), obj)
 
 
 class _Tracer:
