@@ -204,7 +204,9 @@ class _ResNetLike(nn.Module):
         self.head = nn.Linear(8, 10)
 
     def forward(self, x):
-        return self.head(self.blocks(self.stem(x)).mean((2, 3)))
+        h = self.stem(x)
+        h.mul_(0.5)  # in place on a module output: a cached output must not be handed out twice unchanged
+        return self.head(self.blocks(h).mean((2, 3)))
 
 
 class _Attention(nn.Module):
@@ -263,6 +265,8 @@ def test_batched_prefix_curves_equal_plain_curves(build):
     assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
     assert fast.extra["fallback_layers"] == {}
     assert fast.extra["max_variants_per_pass"] > 1  # several grid points per forward pass
+    # the in-place change of a cached output is caught (cached outputs are copied from then on)
+    assert fast.extra["copied_cache"] == (build is _ResNetLike)
     assert fast.pruned == plain.pruned and fast.names == plain.names
     for a, b in zip(fast.distortion, plain.distortion):
         scale = max(b)

@@ -4,7 +4,10 @@ Steps (one-shot, :func:`ovit_prune`):
 
 1. **Gradients**: ``m = num_grads`` mini-batch gradients of the cross-entropy loss, model in eval
    mode, gradients of already-masked weights zeroed (as in the paper code: one gradient per
-   mini-batch, not per sample).
+   mini-batch, not per sample). A ``calib`` list or tuple is used once (repeating a fixed batch adds
+   the same gradient again, which leaves the Fisher unchanged); a loader is re-iterated until ``m``
+   gradients are collected. :func:`hf_prune.methods.ovit.recipe.calibration_batches` draws ``m``
+   distinct mini-batches from a training set.
 2. **Block-wise empirical Fisher inverse.** Each prunable weight tensor, flattened row-major, is cut
    into blocks of ``B = block_size`` consecutive weights (the last block of a layer may be
    shorter). Per block ``F = λI + (1/m) Σ_i g_i g_iᵀ`` (``λ = damping``) and ``F⁻¹`` is computed by
@@ -44,7 +47,10 @@ and pass 2 below), so ``g`` groups cost ``2g`` rounds of ``m`` gradient passes i
 rounds see the original weights (the updated weights are written only at the end), so the result is
 the same as without a budget — provided ``calib`` yields the same batches each time (a list; a
 shuffling loader gives a different Fisher per round, a generator raises an error). A layer whose
-Fisher alone exceeds the budget is an error naming the minimum budget.
+Fisher alone exceeds the budget is an error naming the minimum budget; a shuffling ``DataLoader`` is
+refused when there are several groups. ``max_fisher_mb="auto"`` (default, :func:`auto_fisher_mb`):
+one group when all the Fisher information fits 4096 MiB, else groups of that size (or of the largest
+layer, if larger), with a warning saying how many rounds of gradient passes that costs.
 
 Other departures and memory:
 
@@ -55,19 +61,29 @@ Other departures and memory:
   processed in chunks of at most ``chunk_bytes`` of ``F⁻¹`` (default 256 MiB). Peak memory ≈
   Fisher information of one group + order/losses (6 bytes per weight) + updated weights (one copy of
   the pruned layers) + one chunk (×~3 with temporaries).
-* **Defaults for a CPU.** ``block_size=64`` and ``num_grads=64`` (paper code for ViTs: ``B = 192``,
-  ``m = 4096``); the removal loop costs ``O(d·B²)``. With ``m < B`` the Fisher blocks are rank
-  deficient and ``λ`` decides the scale of directions no gradient saw; raise ``num_grads`` (or
-  ``damping``) when calibration data allow — the block path makes large ``m`` cost time, not memory.
+* **Defaults.** ``block_size=128``, ``num_grads=256`` (paper code for ViTs: ``B = 192``, ``m = 4096``;
+  earlier defaults here: 64 and 64), with the automatic Fisher budget above. ``m ≥ B`` keeps the Fisher
+  blocks full rank, so ``λ`` no longer decides the scale of the directions no gradient saw; the removal
+  loop costs ``O(d·B²)`` (4× the time of ``B = 64``) and ``m`` gradient passes cost time, not memory, on
+  the block path. ``benchmarks/results/ovit_defaults.md`` measures accuracy and time on real digits for
+  ``(B, m)`` = (64, 64), (128, 256), (192, 1024) and the Fisher memory and gradient rounds on DeiT-S,
+  ViT-B, ResNet-50 and EfficientNet-Lite1.
+* **Damping.** A block whose ``F + λI`` fails Cholesky (round-off on a rank-deficient Fisher, most
+  often in float32 with ``m < B``) gets more damping, tenfold at a time and only for the failing
+  blocks, with a warning naming the layer and the damping used; after 12 raises it is an error.
 * The Fisher inversion and removal loops run on the **CPU** in ``dtype`` (the paper code works in
   fp32 on the GPU): weights are copied there chunk by chunk and the updated weights written back to
   the model's device. Gradients and Fisher blocks are stored on the CPU too.
-* With ``loss_fn`` any ``loss_fn(logits, labels)`` replaces cross-entropy. In :class:`~hf_prune.methods.ovit.callback.OViTCallback`,
-  without ``calib``, the last ``m`` training gradients (after clipping/averaging, model in train
-  mode) are kept as an ``m × d`` buffer (the gradient path); give ``calib=`` to use the block path
-  and ``max_fisher_mb`` there.
-* The gradual recipe (cubic schedule 40→75% with fine-tuning, lr restarts) is a schedule given to
-  :class:`~hf_prune.methods.ovit.callback.OViTCallback`; the paper's augmentations and lr restarts are the training script's job.
+* With ``loss_fn`` any ``loss_fn(logits, labels)`` replaces cross-entropy.
+  :class:`~hf_prune.methods.ovit.callback.OViTCallback` computes the gradients on calibration data in eval
+  mode at each pruning step (``fisher_source="calib"``, as in the paper;
+  :func:`~hf_prune.methods.ovit.recipe.calibration_from_dataloader` draws ``m`` distinct mini-batches from the
+  training set); ``fisher_source="training"`` keeps the last ``m`` training gradients (after
+  clipping/averaging, model in train mode) as an ``m × d`` buffer — a departure from the paper.
+* The gradual recipe (cubic schedule 40→75% with fine-tuning) is a schedule given to
+  :class:`~hf_prune.methods.ovit.callback.OViTCallback`; the learning-rate restarts at every pruning step and
+  the distillation from the dense model are in :mod:`hf_prune.methods.ovit.recipe`, for the training loop to use.
+* Progress bars (:func:`hf_prune.core.progress.progress`) follow the gradient passes and the OBS sweeps.
 """
 from __future__ import annotations
 
@@ -767,9 +783,17 @@ def ovit_prune(model: nn.Module, sparsity: float, calib, *, block_size: int = DE
     sizes = {lay.name: 0 if (grads is not None and mode == "gradients") else
              fisher_bytes(lay.d, fisher=mode, block_size=lay.block_size, num_grads=num_grads, dtype=dtype,
                           grad_dtype=grad_dtype) for lay in layers}
-    if max_fisher_mb == "auto":
+    auto = max_fisher_mb == "auto"
+    if auto:
         max_fisher_mb = auto_fisher_mb(sizes)
     groups = plan_groups(sizes, max_fisher_mb)
+    if auto and len(groups) > 1:
+        rounds = len(groups) * (1 if nm is not None or allocation is not None else 2)
+        warnings.warn(f"oViT: the Fisher information of the {len(names)} layers needs "
+                      f"{sum(sizes.values()) / 2 ** 30:.1f} GiB (block_size={block_size}, num_grads={num_grads}); the "
+                      f"default budget max_fisher_mb='auto' ({max_fisher_mb:.0f} MiB) processes them in {len(groups)} "
+                      f"groups, i.e. {rounds} rounds of gradient passes instead of 1. Pass max_fisher_mb= (MiB) to "
+                      "choose, or lower block_size / num_grads", stacklevel=3)
     if len(groups) > 1 and grads is None:
         _check_repeatable(calib)
     source = _FisherSource(model, calib, fisher=mode, grads=grads, num_grads=num_grads, block_size=block_size,

@@ -81,7 +81,7 @@ from ...core.progress import progress
 from ...errors import PruningError
 from ...sparse.masks import WeightMasks, exact_counts, forward_logits, iter_batches, prunable_layers, select_magnitude
 from .config import REDUCTIONS
-from .replay import Replayer, ReplayError, map_tensors
+from .replay import CacheModified, FrontierCache, Replayer, ReplayError, map_tensors
 from .schedule import rd_schedule
 
 logger = logging.getLogger(__name__)
@@ -285,7 +285,19 @@ class _CurveMeter:
         rows = int(self.max_batch_mb * 2 ** 20 // per_row)
         return max(1, rows // max(b, 1))
 
-    def _pass(self, batch, grid: _LayerGrid, chunk: list[int], layer: int, cache: dict, b: int) -> torch.Tensor:
+    def replayed(self, batch, call: int, cache: FrontierCache, measure) -> tuple[FrontierCache, object]:
+        """The frontier of ``call`` recorded from ``cache`` on, and ``measure(frontier)``; when a cached
+        output was changed in place, once more from scratch with cached outputs copied from then on."""
+        try:
+            cache = self.replayer.record(batch, call, cache)
+            return cache, measure(cache)
+        except CacheModified:
+            self.replayer.copy_cached = True
+            cache = self.replayer.record(batch, call, FrontierCache())
+            return cache, measure(cache)
+
+    def _pass(self, batch, grid: _LayerGrid, chunk: list[int], layer: int, cache: FrontierCache,
+              b: int) -> torch.Tensor:
         """Logits ``(len(chunk), b, ...)``: one pass from the cached prefix, variant ``chunk[i]`` of the
         layer's weight on the ``i``-th copy of the batch."""
 
@@ -310,7 +322,7 @@ class _CurveMeter:
         return y.float().view(len(chunk), b, *y.shape[1:])
 
     def batched(self, batch, ref: torch.Tensor, grid: _LayerGrid, ks: list[int], layer: int,
-                cache: dict) -> list[torch.Tensor]:
+                cache: FrontierCache) -> list[torch.Tensor]:
         b = ref.shape[0]
         step = self.variants_per_pass(b)
         out = []
@@ -326,13 +338,13 @@ class _CurveMeter:
         ref = self.reference(probe, b)
         scale = float(ref.abs().max()) + 1e-12
         calls = {li: self.replayer.trace_.first_call(mods[n]) for li, n in enumerate(names)}
-        cache: dict = {}
+        cache = FrontierCache()
         for li in sorted((li for li in calls if calls[li] is not None), key=calls.get):
             g = grids[li]
             try:
                 with g:
-                    cache = self.replayer.record(probe, calls[li], cache)
-                    y = self._pass(probe, g, [g.p0, g.p0], calls[li], cache, b)
+                    cache, y = self.replayed(probe, calls[li], cache,
+                                             lambda c: self._pass(probe, g, [g.p0, g.p0], calls[li], c, b))
                 err = float((y - ref).abs().max())
                 if err > _CHECK_RTOL * scale:
                     raise ReplayError(f"the prefix-reusing pass differs from the plain pass by {err:.3g} "
@@ -340,7 +352,7 @@ class _CurveMeter:
             except Exception as exc:  # noqa: BLE001 - any failure of the replay: this layer runs plain passes
                 self.fallback[names[li]] = f"{type(exc).__name__}: {exc}"
                 warn(names[li], exc)
-                cache = {}
+                cache = FrontierCache()
 
 
 def _probe(batch, rows: int = 2):
@@ -419,6 +431,7 @@ def distortion_curves(model: nn.Module, calib, *, layers: Sequence[str] | None =
                     forwards=meter.forwards, samples=samples,
                     extra={"fallback_layers": dict(meter.fallback), "reuse_prefix": bool(reuse_prefix),
                            "max_variants_per_pass": meter.max_variants,
+                           "copied_cache": bool(replayer is not None and replayer.copy_cached),
                            "max_pruned": [g.kmax for g in grids], "min_per_row": min_per_row})
 
 
@@ -440,7 +453,7 @@ def _measure_batch(meter: _CurveMeter, batch, names, mods, grids, per_sample, ba
         order = sorted(range(len(names)), key=lambda li: (calls[li] is None, calls[li] or 0))
     else:
         calls, order = {}, list(range(len(names)))
-    cache: dict = {}
+    cache = FrontierCache()
     for done, li in enumerate(order, 1):
         name, g = names[li], grids[li]
         ks = [k for k in g.ks if k != g.p0]
@@ -451,12 +464,12 @@ def _measure_batch(meter: _CurveMeter, batch, names, mods, grids, per_sample, ba
                 got = meter.plain(batch, ref, g, ks)
             else:
                 try:
-                    cache = replayer.record(batch, calls[li], cache)
-                    got = meter.batched(batch, ref, g, ks, calls[li], cache)
+                    cache, got = meter.replayed(batch, calls[li], cache,
+                                                lambda c: meter.batched(batch, ref, g, ks, calls[li], c))
                 except Exception as exc:  # noqa: BLE001 - e.g. a batch of another size: the plain passes decide
                     meter.fallback[name] = f"{type(exc).__name__}: {exc}"
                     _warn_plain(name, exc)
-                    cache = {}
+                    cache = FrontierCache()
                     got = meter.plain(batch, ref, g, ks)
         it = iter(got)
         for j, k in enumerate(g.ks):

@@ -41,11 +41,16 @@ from torch import nn
 
 from ...core.inputs import call_model, logits_of
 
-__all__ = ["Replayer", "ReplayError", "CallTrace", "repeat_batch", "map_tensors"]
+__all__ = ["Replayer", "ReplayError", "CacheModified", "CallTrace", "FrontierCache", "repeat_batch", "map_tensors"]
 
 
 class ReplayError(RuntimeError):
     """The model's module calls did not follow the recorded trace (data-dependent control flow)."""
+
+
+class CacheModified(ReplayError):
+    """Code after a cached call changed its output in place; the cache must be rebuilt and copied
+    before every use from now on (:attr:`Replayer.copy_cached`)."""
 
 
 class _Stop(BaseException):
@@ -142,6 +147,31 @@ def _detached_copy(obj):
     return map_tensors(lambda t: t.detach().clone(), obj)
 
 
+def _versions(obj) -> list[int]:
+    out: list[int] = []
+    map_tensors(lambda t: out.append(t._version) or t, obj)
+    return out
+
+
+class FrontierCache:
+    """The outputs of a call's frontier (``{call index: output}``) and the version counters of their
+    tensors: a cached output is handed out without a copy, and an in-place change by the code that
+    received it shows up as a changed version (:meth:`intact`)."""
+
+    def __init__(self, outputs: dict | None = None):
+        self.outputs = dict(outputs or {})
+        self.versions = {i: _versions(o) for i, o in self.outputs.items()}
+
+    def __contains__(self, i: int) -> bool:
+        return i in self.outputs
+
+    def __getitem__(self, i: int):
+        return self.outputs[i]
+
+    def intact(self) -> bool:
+        return all(_versions(self.outputs[i]) == v for i, v in self.versions.items())
+
+
 class _Tracer:
     def __init__(self):
         self.calls: list[_Call] = []
@@ -164,7 +194,7 @@ class _Runner:
     """Follows the trace: cached calls return their outputs, ``stop`` ends the pass, ``layer`` runs
     through ``layer_fn``, ``capture`` calls keep a copy of what they return."""
 
-    def __init__(self, owner: "Replayer", trace: CallTrace, cache: dict, *, repeat: int = 1, stop: int = -1,
+    def __init__(self, owner: "Replayer", trace: CallTrace, cache: FrontierCache, *, repeat: int = 1, stop: int = -1,
                  capture=(), layer: int = -1, layer_fn=None):
         self.owner, self.trace, self.cache = owner, trace, cache
         self.repeat, self.stop, self.layer, self.layer_fn = repeat, stop, layer, layer_fn
@@ -182,7 +212,10 @@ class _Runner:
                               "recorded in the trace")
         if i in self.cache:
             self.cursor += calls[i].size
-            return repeat_batch(self.cache[i], self.repeat, self.trace.batch)
+            out = self.cache[i]
+            if self.repeat > 1:
+                return repeat_batch(out, self.repeat, self.trace.batch)  # new tensors
+            return _detached_copy(out) if self.owner.copy_cached else out
         if i == self.stop:
             raise _Stop
         if self.layer >= 0 and i >= self.layer and module is self.layer_module:  # first call and any later one
@@ -199,10 +232,15 @@ class _Runner:
 class Replayer:
     """Installs a thin wrapper around every module's ``forward`` of ``model`` (inside ``with
     replayer:``) so that passes can be traced, cut short and replayed; see the module docstring.
-    Outside a pass the wrappers call the original ``forward`` unchanged."""
+    Outside a pass the wrappers call the original ``forward`` unchanged.
+
+    Cached outputs are handed out as they are (repeated along the batch when a pass runs several
+    variants); ``copy_cached`` (set after a :class:`CacheModified`, and always in inference mode,
+    where tensors keep no version counter) hands out copies instead."""
 
     def __init__(self, model: nn.Module):
         self.model = model
+        self.copy_cached = False
         self.trace_: CallTrace | None = None
         self._state = None
         self._saved: list[tuple[nn.Module, bool, object]] = []
@@ -259,12 +297,13 @@ class Replayer:
         self.trace_ = CallTrace(tracer.calls, batch)
         return out
 
-    def record(self, inputs, upto: int, cache: dict) -> dict:
-        """The outputs of the frontier of call ``upto`` (``{call index: output}``), computed from the
-        previous ``cache`` on: a pass that stops when call ``upto`` starts."""
+    def record(self, inputs, upto: int, cache: FrontierCache) -> FrontierCache:
+        """The outputs of the frontier of call ``upto``, computed from the previous ``cache`` on: a pass
+        that stops when call ``upto`` starts. Raises :class:`CacheModified` if that pass changed a
+        cached output in place."""
         trace = self._trace()
+        self._check_mode()
         front = trace.frontier(upto)
-        keep = {i: cache[i] for i in front if i in cache}
         runner = _Runner(self, trace, cache, stop=upto, capture=[i for i in front if i not in cache])
         with self._pass(runner):
             try:
@@ -273,19 +312,31 @@ class Replayer:
                 pass
             else:
                 raise ReplayError(f"call {upto} was never reached")
-        keep.update(runner.captured)
-        missing = [i for i in front if i not in keep]
+        if not cache.intact():
+            raise CacheModified("a cached module output was changed in place by the code that received it")
+        outputs = {i: cache[i] for i in front if i in cache}
+        outputs.update(runner.captured)
+        missing = [i for i in front if i not in outputs]
         if missing:
             raise ReplayError(f"frontier calls {missing[:3]} did not run before call {upto}")
-        return keep
+        return FrontierCache(outputs)
 
-    def run(self, inputs, cache: dict, *, layer: int, repeat: int, layer_fn) -> torch.Tensor:
+    def run(self, inputs, cache: FrontierCache, *, layer: int, repeat: int, layer_fn) -> torch.Tensor:
         """Logits of a pass on ``inputs`` repeated ``repeat`` times, with ``cache`` (the frontier of
-        call ``layer``) and ``layer_fn(forward, args, kwargs)`` in place of call ``layer``."""
+        call ``layer``) and ``layer_fn(forward, args, kwargs)`` in place of call ``layer`` (and of any
+        later call of the same module). Raises :class:`CacheModified` as :meth:`record` does."""
         trace = self._trace()
+        self._check_mode()
         runner = _Runner(self, trace, cache, repeat=repeat, layer=layer, layer_fn=layer_fn)
         with self._pass(runner):
-            return logits_of(call_model(self.model, repeat_batch(inputs, repeat, trace.batch)))
+            out = logits_of(call_model(self.model, repeat_batch(inputs, repeat, trace.batch)))
+        if not cache.intact():
+            raise CacheModified("a cached module output was changed in place by the code that received it")
+        return out
+
+    def _check_mode(self) -> None:
+        if torch.is_inference_mode_enabled():
+            self.copy_cached = True  # inference tensors have no version counter to watch
 
     def _trace(self) -> CallTrace:
         if self.trace_ is None:
