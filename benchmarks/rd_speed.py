@@ -19,6 +19,10 @@ grid point and layer (``reuse_prefix=False``): it is measured on the first ``--b
 layers and extrapolated to all layers by counting forward passes (a plain pass costs the same for
 every layer). On those layers the fast curves are also compared with the plain ones.
 
+* ``tinyvit``: the tiny ViT of ``benchmarks/weight_pruning.py`` (4 blocks, width 96, 442K prunable weights)
+  after one epoch on real MNIST digits, 256 calibration digits, grid 21, 70%: small activations, where
+  several grid points per pass pay off.
+
 Run from the repository root: ``PYTHONPATH=. .venv/bin/python benchmarks/rd_speed.py --parts effnet``.
 Timings on a shared machine depend on its load, which the results file records for every run.
 """
@@ -40,7 +44,7 @@ from hf_prune.methods.rd import curves as rd  # noqa: E402
 from hf_prune.sparse.allocation import allocate_global, allocate_lamp  # noqa: E402
 from hf_prune.sparse.masks import WeightMasks, prunable_layers, select_magnitude  # noqa: E402
 
-PARTS = ("effnet", "resnet50")
+PARTS = ("effnet", "resnet50", "tinyvit")
 
 
 def _loadavg() -> str:
@@ -171,6 +175,19 @@ def part_resnet50(args) -> dict:
                            before_layers=args.before_layers)
 
 
+def part_tinyvit(args) -> dict:
+    """The tiny ViT of ``benchmarks/weight_pruning.py`` trained briefly on real MNIST digits: small
+    activations, where a forward pass costs its per-operation overhead and grid batching pays."""
+    from benchmarks.weight_pruning import mnist_splits, tiny_vit, train
+
+    train_split, _, perm = mnist_splits()
+    torch.manual_seed(0)
+    model = train(tiny_vit(), train_split, epochs=1, lr=2e-3).eval()
+    idx = perm[:args.tiny_images]
+    calib = [(train_split.pixel_values[idx[i:i + 64]], None) for i in range(0, len(idx), 64)]
+    return time_allocation(model, calib, 0.7, grid=args.tiny_grid, before_layers=args.before_layers)
+
+
 def compose(cache: dict) -> str:
     runs = cache.get("runs", {})
     info = next(iter(runs.values()))["env"] if runs else env_info()
@@ -217,6 +234,8 @@ def main(argv=None) -> None:
     p.add_argument("--images", type=int, default=16, help="EfficientNet calibration crops")
     p.add_argument("--resnet-images", type=int, default=8, help="ResNet-50 noise calibration images")
     p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--tiny-images", type=int, default=256, help="tiny ViT calibration digits (batches of 64)")
+    p.add_argument("--tiny-grid", type=int, default=21)
     p.add_argument("--grid", type=int, default=11)
     p.add_argument("--crops-per-photo", type=int, default=8)
     p.add_argument("--before-layers", type=int, default=3)
@@ -229,7 +248,7 @@ def main(argv=None) -> None:
     cache = json.loads(cache_path.read_text()) if cache_path.exists() else {"runs": {}}
     for part in args.parts:
         env = env_info()
-        result = {"effnet": part_effnet, "resnet50": part_resnet50}[part](args)
+        result = {"effnet": part_effnet, "resnet50": part_resnet50, "tinyvit": part_tinyvit}[part](args)
         print(f"[{part}] " + json.dumps({k: v for k, v in result.items() if k != "allocation"}, default=str),
               flush=True)
         cache["runs"][part] = {"env": env, "args": vars(args), "result": result}

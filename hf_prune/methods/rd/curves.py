@@ -69,6 +69,7 @@ Departures from the paper / its code:
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -415,7 +416,7 @@ def distortion_curves(model: nn.Module, calib, *, layers: Sequence[str] | None =
     bar = progress(total=len(batches) * len(names), desc="RD distortion curves",
                    disable=None if show_progress is None else not show_progress)
     try:
-        with eval_mode(model), (replayer if replayer is not None else _nothing()):
+        with eval_mode(model), (replayer if replayer is not None else contextlib.nullcontext()):
             if replayer is not None:
                 meter.check(_probe(batches[0]), names, mods, grids, _warn_plain)
             for batch in batches:
@@ -423,15 +424,9 @@ def distortion_curves(model: nn.Module, calib, *, layers: Sequence[str] | None =
     finally:
         bar.close()
     samples = sum(len(x) for x in per_sample[0][0]) if per_sample and per_sample[0] else 0
-    dist_all = []
-    for g, lists in zip(grids, per_sample):
-        d = []
-        for k, parts in zip(g.ks, lists):
-            per = torch.cat(parts)
-            d.append(0.0 if k == g.p0 else float(per.max() if reduction == "max" else per.mean()))
-        dist_all.append(d)
     return RDCurves(names=list(names), sizes=[g.n for g in grids], pruned=[list(g.ks) for g in grids],
-                    distortion=dist_all, reduction=reduction, seconds=time.perf_counter() - t0,
+                    distortion=_reduce(grids, per_sample, reduction), reduction=reduction,
+                    seconds=time.perf_counter() - t0,
                     forwards=meter.forwards, samples=samples,
                     extra={"fallback_layers": dict(meter.fallback), "reuse_prefix": bool(reuse_prefix),
                            "max_variants_per_pass": meter.max_variants,
@@ -439,12 +434,14 @@ def distortion_curves(model: nn.Module, calib, *, layers: Sequence[str] | None =
                            "max_pruned": [g.kmax for g in grids], "min_per_row": min_per_row})
 
 
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return None
+def _reduce(grids: list[_LayerGrid], per_sample, reduction: str) -> list[list[float]]:
+    """Each curve point's per-sample distortions reduced over the calibration set (the current
+    weights' point is 0 by definition)."""
+    out = []
+    for g, lists in zip(grids, per_sample):
+        out.append([0.0 if k == g.p0 else float(torch.cat(parts).max() if reduction == "max"
+                                                 else torch.cat(parts).mean()) for k, parts in zip(g.ks, lists)])
+    return out
 
 
 def _measure_batch(meter: _CurveMeter, batch, names, mods, grids, per_sample, bar, t0, log_every: int) -> None:
