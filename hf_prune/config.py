@@ -180,7 +180,8 @@ def _find(path_or_repo_id, filename: str, hub_kwargs: dict):
 class ScheduleConfig(PruningConfig):
     """Fields of methods that prune gradually during training on a sparsity schedule.
 
-    ``schedule``: ``"cubic"`` (Zhu & Gupta), ``"linear"`` or ``"oneshot"``; ``start`` / ``end``: where
+    ``schedule``: ``"cubic"`` (Zhu & Gupta), ``"linear"``, ``"oneshot"`` or ``"geometric"`` (RD's rounds,
+    see :class:`~hf_prune.core.schedules.Geometric`); ``start`` / ``end``: where
     pruning starts and reaches the final target (fractions of training as floats, optimizer steps as
     ints); ``frequency``: prune every this many steps in between; ``initial``: amount pruned at ``start``.
     One-shot pruning (:func:`hf_prune.prune`) ignores them.
@@ -192,6 +193,10 @@ class ScheduleConfig(PruningConfig):
     frequency: int = 1
     initial: float = 0.0
 
+    def schedule_options(self) -> dict:
+        """Extra arguments of :func:`~hf_prune.core.schedules.make_schedule` a method's fields set."""
+        return {}
+
     def make_schedule(self, kind: str, target: float | None = None):
         """The :class:`~hf_prune.core.schedules.SparsitySchedule` these fields describe for ``kind``
         (``"target_macs"`` or ``"sparsity"``), ending at ``target`` (default: the config's field)."""
@@ -200,6 +205,6 @@ class ScheduleConfig(PruningConfig):
         value = getattr(self, kind) if target is None else target
         try:
             return make_schedule(self.schedule, start=self.start, end=self.end, frequency=self.frequency,
-                                 initial=self.initial, **{kind: value})
+                                 initial=self.initial, **self.schedule_options(), **{kind: value})
         except ValueError as exc:
             raise ConfigError(str(exc)) from None

@@ -19,6 +19,9 @@ after it. Between ``start`` and ``end`` the schedule prunes every ``frequency`` 
 * :class:`Cubic` (Zhu & Gupta 2017, "To prune, or not to prune"):
   ``a_t = a_f + (a_i − a_f) · (1 − p)³`` — prunes fast early, when there is most redundancy, and
   slowly near the end.
+* :class:`Geometric` (RD's iterative schedule): ``rounds`` pruning steps, each removing the same
+  fraction of the surviving weights, so the amount after round ``t`` is ``1 − (1 − a_i)(1 − r)^t``
+  (:func:`geometric_targets`).
 
 :class:`Annealing` is a 0 → 1 coefficient over a window of steps (linear or cosine), used by
 methods that morph a layer gradually (e.g. UPDP's activation → identity).
@@ -38,6 +41,9 @@ __all__ = [
     "OneShot",
     "Linear",
     "Cubic",
+    "Geometric",
+    "geometric_amount",
+    "geometric_targets",
     "Annealing",
     "make_schedule",
     "from_dict",
@@ -226,18 +232,83 @@ class Cubic(SparsitySchedule):
         return cubic_amount(progress, self.initial, self.final)
 
 
-SCHEDULES = {"oneshot": OneShot, "linear": Linear, "cubic": Cubic}
+# --------------------------------------------------------------------------- geometric (RD's rounds)
+
+
+def _check_rounds(rounds, final, initial) -> None:
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
+        raise ValueError(f"rounds={rounds!r} must be an int >= 1 (pruning rounds)")
+    for name, v in (("final", final), ("initial", initial)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v < 1.0:
+            raise ValueError(f"{name}={v!r} must be a sparsity in [0, 1)")
+    if initial > final:
+        raise ValueError(f"initial={initial} is above final={final}: masks only grow")
+
+
+def geometric_amount(rounds: int, final: float, initial: float = 0.0) -> float:
+    """The per-round fraction ``a`` of surviving weights pruned: ``(1 − initial)(1 − a)^rounds = 1 − final``."""
+    _check_rounds(rounds, final, initial)
+    return 1.0 - ((1.0 - final) / (1.0 - initial)) ** (1.0 / rounds)
+
+
+def geometric_targets(rounds: int, final: float, initial: float = 0.0) -> list[float]:
+    """Sparsity after each of ``rounds`` rounds: ``1 − (1 − initial)(1 − a)^t`` for ``t = 1 … rounds``
+    (the last one exactly ``final``)."""
+    a = geometric_amount(rounds, final, initial)
+    out = [1.0 - (1.0 - initial) * (1.0 - a) ** t for t in range(1, rounds + 1)]
+    out[-1] = float(final)
+    return out
+
+
+@dataclass(frozen=True)
+class Geometric(SparsitySchedule):
+    """The iterative schedule of RD (Xu et al., ICCV 2023) for training: ``rounds`` pruning steps evenly spaced from ``start`` to
+    ``end`` (the first at ``start``; ``frequency`` is not used), the amount after the ``t``-th being
+    ``1 − (1 − initial)(1 − a)^t`` (:func:`geometric_targets`); before ``start`` the amount is ``initial``."""
+
+    rounds: int = 5
+    name = "geometric"
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check_rounds(self.rounds, self.final, self.initial)
+
+    def _round_steps(self, total_steps: int) -> list[int]:
+        s, e = self.steps(total_steps)
+        if self.rounds == 1:
+            return [s]
+        return [s + int(round(t * (e - s) / (self.rounds - 1))) for t in range(self.rounds)]
+
+    def pruning_steps(self, total_steps: int) -> list[int]:
+        return sorted(set(self._round_steps(total_steps)))
+
+    def is_pruning_step(self, step: int, total_steps: int) -> bool:
+        return step in self._round_steps(total_steps)
+
+    def _target(self, t: int) -> float:
+        if t <= 0:
+            return self.initial
+        return geometric_targets(self.rounds, self.final, self.initial)[min(t, self.rounds) - 1]
+
+    def _amount(self, progress: float) -> float:
+        return self._target(1 + math.floor(progress * (self.rounds - 1) + 1e-9))
+
+    def amount_at(self, step: int, total_steps: int) -> float:
+        return self._target(sum(1 for p in self._round_steps(total_steps) if p <= step))
+
+
+SCHEDULES = {"oneshot": OneShot, "linear": Linear, "cubic": Cubic, "geometric": Geometric}
 
 
 def make_schedule(name: str = "cubic", *, target_macs: float | None = None, sparsity: float | None = None,
                   start: float | int = 0.0, end: float | int = 0.7, frequency: int = 1,
-                  initial: float = 0.0, target_latency: float | None = None) -> SparsitySchedule:
+                  initial: float = 0.0, target_latency: float | None = None, rounds: int = 5) -> SparsitySchedule:
     """A schedule from an engine-convention target.
 
     Exactly one of ``target_macs`` (fraction of dense MACs to keep at the end, in (0, 1]),
     ``target_latency`` (fraction of the dense latency to keep, in (0, 1]) or ``sparsity`` (fraction of
     prunable parameters to remove at the end, in [0, 1)). ``initial`` is the amount pruned at ``start``
-    (for ``linear``/``cubic``).
+    (for ``linear``/``cubic``/``geometric``); ``rounds``: pruning steps of ``geometric`` only.
     """
     from .checks import check_fraction, check_sparsity
 
@@ -251,8 +322,9 @@ def make_schedule(name: str = "cubic", *, target_macs: float | None = None, spar
                          f"(fraction of the dense latency to keep); got {given or 'none'}")
     (kind, value), = given.items()
     value = check_sparsity(value) if kind == "sparsity" else check_fraction(kind, value)
+    extra = {"rounds": rounds} if name == "geometric" else {}
     return SCHEDULES[name](final=amount_from_target(value, kind), kind=kind, initial=initial, start=start,
-                           end=end, frequency=frequency)
+                           end=end, frequency=frequency, **extra)
 
 
 def from_dict(d: dict) -> SparsitySchedule:

@@ -4,7 +4,10 @@ Steps (one-shot, :func:`ovit_prune`):
 
 1. **Gradients**: ``m = num_grads`` mini-batch gradients of the cross-entropy loss, model in eval
    mode, gradients of already-masked weights zeroed (as in the paper code: one gradient per
-   mini-batch, not per sample).
+   mini-batch, not per sample). A ``calib`` list or tuple is used once (repeating a fixed batch adds
+   the same gradient again, which leaves the Fisher unchanged); a loader is re-iterated until ``m``
+   gradients are collected. :func:`hf_prune.methods.ovit.recipe.calibration_batches` draws ``m``
+   distinct mini-batches from a training set.
 2. **Block-wise empirical Fisher inverse.** Each prunable weight tensor, flattened row-major, is cut
    into blocks of ``B = block_size`` consecutive weights (the last block of a layer may be
    shorter). Per block ``F = λI + (1/m) Σ_i g_i g_iᵀ`` (``λ = damping``) and ``F⁻¹`` is computed by
@@ -44,7 +47,10 @@ and pass 2 below), so ``g`` groups cost ``2g`` rounds of ``m`` gradient passes i
 rounds see the original weights (the updated weights are written only at the end), so the result is
 the same as without a budget — provided ``calib`` yields the same batches each time (a list; a
 shuffling loader gives a different Fisher per round, a generator raises an error). A layer whose
-Fisher alone exceeds the budget is an error naming the minimum budget.
+Fisher alone exceeds the budget is an error naming the minimum budget; a shuffling ``DataLoader`` is
+refused when there are several groups. ``max_fisher_mb="auto"`` (default, :func:`auto_fisher_mb`):
+one group when all the Fisher information fits 4096 MiB, else groups of that size (or of the largest
+layer, if larger), with a warning saying how many rounds of gradient passes that costs.
 
 Other departures and memory:
 
@@ -55,19 +61,29 @@ Other departures and memory:
   processed in chunks of at most ``chunk_bytes`` of ``F⁻¹`` (default 256 MiB). Peak memory ≈
   Fisher information of one group + order/losses (6 bytes per weight) + updated weights (one copy of
   the pruned layers) + one chunk (×~3 with temporaries).
-* **Defaults for a CPU.** ``block_size=64`` and ``num_grads=64`` (paper code for ViTs: ``B = 192``,
-  ``m = 4096``); the removal loop costs ``O(d·B²)``. With ``m < B`` the Fisher blocks are rank
-  deficient and ``λ`` decides the scale of directions no gradient saw; raise ``num_grads`` (or
-  ``damping``) when calibration data allow — the block path makes large ``m`` cost time, not memory.
+* **Defaults.** ``block_size=128``, ``num_grads=256`` (paper code for ViTs: ``B = 192``, ``m = 4096``;
+  earlier defaults here: 64 and 64), with the automatic Fisher budget above. ``m ≥ B`` keeps the Fisher
+  blocks full rank, so ``λ`` no longer decides the scale of the directions no gradient saw; the removal
+  loop costs ``O(d·B²)`` (4× the time of ``B = 64``) and ``m`` gradient passes cost time, not memory, on
+  the block path. ``benchmarks/results/ovit_defaults.md`` measures accuracy and time on real digits for
+  ``(B, m)`` = (64, 64), (128, 256), (192, 1024) and the Fisher memory and gradient rounds on DeiT-S,
+  ViT-B, ResNet-50 and EfficientNet-Lite1.
+* **Damping.** A block whose ``F + λI`` fails Cholesky (round-off on a rank-deficient Fisher, most
+  often in float32 with ``m < B``) gets more damping, tenfold at a time and only for the failing
+  blocks, with a warning naming the layer and the damping used; after 12 raises it is an error.
 * The Fisher inversion and removal loops run on the **CPU** in ``dtype`` (the paper code works in
   fp32 on the GPU): weights are copied there chunk by chunk and the updated weights written back to
   the model's device. Gradients and Fisher blocks are stored on the CPU too.
-* With ``loss_fn`` any ``loss_fn(logits, labels)`` replaces cross-entropy. In :class:`~hf_prune.methods.ovit.callback.OViTCallback`,
-  without ``calib``, the last ``m`` training gradients (after clipping/averaging, model in train
-  mode) are kept as an ``m × d`` buffer (the gradient path); give ``calib=`` to use the block path
-  and ``max_fisher_mb`` there.
-* The gradual recipe (cubic schedule 40→75% with fine-tuning, lr restarts) is a schedule given to
-  :class:`~hf_prune.methods.ovit.callback.OViTCallback`; the paper's augmentations and lr restarts are the training script's job.
+* With ``loss_fn`` any ``loss_fn(logits, labels)`` replaces cross-entropy.
+  :class:`~hf_prune.methods.ovit.callback.OViTCallback` computes the gradients on calibration data in eval
+  mode at each pruning step (``fisher_source="calib"``, as in the paper;
+  :func:`~hf_prune.methods.ovit.recipe.calibration_from_dataloader` draws ``m`` distinct mini-batches from the
+  training set); ``fisher_source="training"`` keeps the last ``m`` training gradients (after
+  clipping/averaging, model in train mode) as an ``m × d`` buffer — a departure from the paper.
+* The gradual recipe (cubic schedule 40→75% with fine-tuning) is a schedule given to
+  :class:`~hf_prune.methods.ovit.callback.OViTCallback`; the learning-rate restarts at every pruning step and
+  the distillation from the dense model are in :mod:`hf_prune.methods.ovit.recipe`, for the training loop to use.
+* Progress bars (:func:`hf_prune.core.progress.progress`) follow the gradient passes and the OBS sweeps.
 """
 from __future__ import annotations
 
@@ -83,12 +99,20 @@ from torch import nn
 
 from ...errors import PruningError
 from ...core.execution import module_modes, restore_modes
+from ...core.progress import progress
 from ...sparse.masks import WeightMasks, forward_logits, iter_batches
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["collect_gradients", "accumulate_fisher", "BlockFisher", "choose_fisher", "fisher_bytes", "plan_groups",
-           "obs_prune_layer", "ovit_prune", "FISHER_MODES"]
+           "auto_fisher_mb", "obs_prune_layer", "ovit_prune", "FISHER_MODES", "DEFAULT_BLOCK_SIZE",
+           "DEFAULT_NUM_GRADS", "DEFAULT_MAX_FISHER_MB"]
+
+# Defaults (see "Defaults" in the module docstring): closer to the paper's B = 192, m = 4096 than a CPU
+# needs, with the Fisher information bounded so that a default call does not exhaust a machine's memory.
+DEFAULT_BLOCK_SIZE = 128
+DEFAULT_NUM_GRADS = 256
+DEFAULT_MAX_FISHER_MB = 4096
 
 
 # ----------------------------------------------------------------------------------------- gradients
@@ -108,8 +132,9 @@ def _gradient_stream(model: nn.Module, calib, names: Sequence[str], num_grads: i
     """Yield, for up to ``num_grads`` calibration mini-batches, ``{layer: flat gradient or None}`` of
     the mean loss (model in eval mode, masked weights' gradients zeroed, ``None`` for a layer that
     took no part in the forward pass). Only the named weights require grad during the passes.
-    ``calib`` is re-iterated while it has fewer than ``num_grads`` batches. The tensors yielded are
-    only valid until the next one is requested."""
+    A ``calib`` with fewer than ``num_grads`` batches is re-iterated unless it is a list or tuple
+    (fixed batches: a repeat would add the same gradients again, which leaves the Fisher unchanged
+    and only costs time). The tensors yielded are only valid until the next one is requested."""
     if num_grads < 1:
         raise ValueError(f"num_grads={num_grads} must be >= 1")
     mods = dict(model.named_modules())
@@ -119,12 +144,14 @@ def _gradient_stream(model: nn.Module, calib, names: Sequence[str], num_grads: i
     modes = module_modes(model)
     model.eval()
     count = 0
+    passes = 1 if isinstance(calib, (list, tuple)) else num_grads
+    bar = progress(total=num_grads, desc="oViT gradients")
     try:
         for p in model.parameters():
             p.requires_grad_(False)
         for w in weights.values():
             w.requires_grad_(True)
-        for _ in range(num_grads):  # passes over calib
+        for _ in range(passes):  # passes over calib
             got = 0
             for inputs, labels in iter_batches(calib, None, device):
                 for w in weights.values():
@@ -140,11 +167,13 @@ def _gradient_stream(model: nn.Module, calib, names: Sequence[str], num_grads: i
                 yield out
                 count += 1
                 got += 1
+                bar.update(1)
                 if count == num_grads:
                     break
             if count == num_grads or got == 0:
                 break
     finally:
+        bar.close()
         for p, f in flags.items():
             p.requires_grad_(f)
         for w in weights.values():
@@ -157,7 +186,8 @@ def _check_count(count: int, num_grads: int) -> None:
         raise PruningError("calib yielded no batches")
     if count < num_grads:
         warnings.warn(f"calib gave only {count} mini-batch gradients of the num_grads={num_grads} asked for; "
-                      f"using {count}", stacklevel=4)
+                      f"using {count} (pass more calibration batches, or a loader that yields new ones each "
+                      "pass, for a better Fisher estimate)", stacklevel=4)
 
 
 def collect_gradients(model: nn.Module, calib, names: Sequence[str], num_grads: int, *,
@@ -193,22 +223,44 @@ def _segments(d: int, block_size: int) -> list[tuple[int, int, int]]:
     return out
 
 
-def _damped_inverse(F: torch.Tensor, damping: float) -> torch.Tensor:
+_MAX_DAMPING_STEPS = 12  # tenfold raises of the damping of a failing block before giving up
+
+
+def _damped_inverse(F: torch.Tensor, damping: float, *, name: str = "", warn: bool = True) -> torch.Tensor:
     """``(F + λI)⁻¹`` for a batch of symmetric PSD blocks (nb, B, B), in place on ``F``'s storage:
     Cholesky then ``cholesky_inverse``. Round-off can make a rank-deficient ``F + λI`` with the
-    paper's tiny ``λ`` fail Cholesky; damping is then raised tenfold until it succeeds."""
-    F.diagonal(dim1=1, dim2=2).add_(damping)
-    L, bad = torch.linalg.cholesky_ex(F)
-    if bool(bad.any()):
-        extra = max(damping, 1e-12) * 10
-        for _ in range(12):
-            F.diagonal(dim1=1, dim2=2).add_(extra)
-            L, bad = torch.linalg.cholesky_ex(F)
-            if not bool(bad.any()):
-                break
-            extra *= 10
-        else:
-            raise PruningError("empirical Fisher block is not positive definite even with extra damping")
+    paper's tiny ``λ`` fail Cholesky. Only the failing blocks then get more damping, tenfold at a time
+    (from ``max(10λ, 1e-10 × their mean diagonal)``), with a warning naming the layer ``name`` and
+    the damping used; after 12 raises it is an error."""
+    diag = F.diagonal(dim1=1, dim2=2)
+    diag.add_(damping)
+    L, info = torch.linalg.cholesky_ex(F)
+    bad = (info != 0).nonzero().flatten()
+    if bad.numel() == 0:
+        return torch.cholesky_inverse(L)
+    scale = diag[bad].mean(dim=1).abs()
+    extra = torch.clamp_min(scale * 1e-10, 10 * damping)
+    added = torch.zeros_like(extra)
+    eye = torch.eye(F.shape[-1], dtype=F.dtype, device=F.device)
+    for _ in range(_MAX_DAMPING_STEPS):
+        F[bad] += (extra - added).to(F.dtype)[:, None, None] * eye
+        added = extra.clone()
+        Lb, info_b = torch.linalg.cholesky_ex(F[bad])
+        ok = info_b == 0
+        L[bad[ok]] = Lb[ok]
+        if bool(ok.all()):
+            break
+        extra = torch.where(ok, extra, extra * 10)
+    else:
+        raise PruningError(f"the empirical Fisher of layer {name!r} is not positive definite in {int(bad.numel())} "
+                           f"block(s) even with damping {float(damping + extra.max()):.3g}; raise damping= or "
+                           "num_grads=, or use dtype=torch.float64")
+    if warn:
+        warnings.warn(f"oViT: the empirical Fisher of layer {name!r} failed Cholesky at damping={damping:g} in "
+                      f"{int(bad.numel())} of {F.shape[0]} block(s) (round-off on a rank-deficient Fisher); damping "
+                      f"was raised to {float(damping + extra.max()):.3g} there. Raise num_grads= (at least "
+                      f"block_size={F.shape[-1]} gradients give a full-rank Fisher) or damping=, or use "
+                      "dtype=torch.float64", stacklevel=2)
     return torch.cholesky_inverse(L)
 
 
@@ -243,11 +295,12 @@ class BlockFisher:
         self.count += k
         self.seconds += time.perf_counter() - t0
 
-    def inverse(self, si: int, b0: int, b1: int, damping: float) -> torch.Tensor:
-        """``F⁻¹`` of blocks ``b0:b1`` of segment ``si`` (a new tensor)."""
+    def inverse(self, si: int, b0: int, b1: int, damping: float, *, name: str = "", warn: bool = True) -> torch.Tensor:
+        """``F⁻¹`` of blocks ``b0:b1`` of segment ``si`` (a new tensor); ``name`` names the layer in
+        the warning when damping must be raised."""
         if self.count == 0:
             raise PruningError("BlockFisher.inverse: no gradients were added")
-        return _damped_inverse(self.sums[si][b0:b1] / self.count, damping)
+        return _damped_inverse(self.sums[si][b0:b1] / self.count, damping, name=name, warn=warn)
 
 
 class _GradientFisher:
@@ -258,11 +311,11 @@ class _GradientFisher:
         self.G, self.dtype = G, dtype
         self.segments = _segments(G.shape[1], block_size)
 
-    def inverse(self, si: int, b0: int, b1: int, damping: float) -> torch.Tensor:
+    def inverse(self, si: int, b0: int, b1: int, damping: float, *, name: str = "", warn: bool = True) -> torch.Tensor:
         start, bs, _ = self.segments[si]
         m = self.G.shape[0]
         Gc = self.G[:, start + b0 * bs:start + b1 * bs].to(self.dtype).reshape(m, b1 - b0, bs).transpose(0, 1)
-        return _damped_inverse(torch.bmm(Gc.transpose(1, 2), Gc).div_(m), damping)
+        return _damped_inverse(torch.bmm(Gc.transpose(1, 2), Gc).div_(m), damping, name=name, warn=warn)
 
 
 def _buffer_rows(block_size: int, num_grads: int) -> int:
@@ -451,7 +504,7 @@ class _LayerOBS:
         self.order = [torch.empty((nb, self.steps(bs)), dtype=torch.int16 if bs < 2 ** 15 else torch.int32)
                       for _, bs, nb in self.segments]
         for si, b0, b1, lo, hi, W, prior in self._chunks():
-            Finv = self.fisher.inverse(si, b0, b1, self.damping)
+            Finv = self.fisher.inverse(si, b0, b1, self.damping, name=self.name)
             a, o = _sweep(W, Finv, self.acc[si].shape[1], prior, self.nm)
             self.acc[si][b0:b1] = a
             self.order[si][b0:b1] = o
@@ -472,7 +525,7 @@ class _LayerOBS:
             c = counts[si][b0:b1]
             if not bool((c > 0).any()):
                 continue
-            Finv = self.fisher.inverse(si, b0, b1, self.damping)
+            Finv = self.fisher.inverse(si, b0, b1, self.damping, name=self.name, warn=False)  # pass 1 warned
             keep[lo:hi] = _replay(W, Finv, self.order[si][b0:b1], c).reshape(-1)
             self.updates.append((lo, hi, W.reshape(-1).to(self.weight.dtype)))
             a = self.acc[si][b0:b1]
@@ -515,7 +568,7 @@ def _counts_below(accs: list[torch.Tensor], k: int) -> list[torch.Tensor]:
     return out
 
 
-def obs_prune_layer(weight: torch.Tensor, grads: torch.Tensor, sparsity: float, *, block_size: int = 64,
+def obs_prune_layer(weight: torch.Tensor, grads: torch.Tensor, sparsity: float, *, block_size: int = DEFAULT_BLOCK_SIZE,
                     damping: float = 1e-8, nm: tuple[int, int] | None = None, keep: torch.Tensor | None = None,
                     dtype: torch.dtype = torch.float64, chunk_bytes: int = 256 << 20, inplace: bool = False,
                     num_threads: int | None = None) -> tuple[torch.Tensor, torch.Tensor, float]:
@@ -570,6 +623,18 @@ def fisher_bytes(numel: int, *, fisher: str, block_size: int, num_grads: int, dt
     if fisher == "gradients":
         return num_grads * numel * gi
     return BlockFisher.nbytes_for(numel, block_size, dtype) + _buffer_rows(block_size, num_grads) * numel * gi
+
+
+def auto_fisher_mb(sizes: Mapping[str, int]) -> float | None:
+    """The default Fisher budget for layers holding ``sizes`` bytes of Fisher information: ``None``
+    (one group, one round of gradient passes) when all of it fits :data:`DEFAULT_MAX_FISHER_MB`, else
+    that budget — or the largest single layer's Fisher when that alone is larger (a layer cannot be
+    split across groups)."""
+    total, largest = sum(sizes.values()), max(sizes.values(), default=0)
+    budget = DEFAULT_MAX_FISHER_MB * 2 ** 20
+    if total <= budget:
+        return None
+    return max(budget, math.ceil(largest / 2 ** 20 * 10) / 10 * 2 ** 20) / 2 ** 20
 
 
 def plan_groups(sizes: Mapping[str, int], max_mb: float | None) -> list[list[str]]:
@@ -674,12 +739,13 @@ def _global_counts(layers: list[_LayerOBS], sparsity: float) -> dict[str, list[t
     return counts
 
 
-def ovit_prune(model: nn.Module, sparsity: float, calib, *, block_size: int = 64, num_grads: int = 64,
-               damping: float = 1e-8, nm: tuple[int, int] | None = None, allocation=None,
-               masks: WeightMasks | None = None, grads: Mapping[str, torch.Tensor] | None = None, loss_fn=None,
-               dtype: torch.dtype = torch.float64, grad_dtype: torch.dtype = torch.float32, fisher: str = "auto",
-               max_fisher_mb: float | None = None, chunk_bytes: int = 256 << 20, num_threads: int | None = None,
-               info: dict | None = None, layers: Sequence[str] | None = None, exchange=None, **layer_opts) -> dict:
+def ovit_prune(model: nn.Module, sparsity: float, calib, *, block_size: int = DEFAULT_BLOCK_SIZE,
+               num_grads: int = DEFAULT_NUM_GRADS, damping: float = 1e-8, nm: tuple[int, int] | None = None,
+               allocation=None, masks: WeightMasks | None = None, grads: Mapping[str, torch.Tensor] | None = None,
+               loss_fn=None, dtype: torch.dtype = torch.float64, grad_dtype: torch.dtype = torch.float32,
+               fisher: str = "auto", max_fisher_mb: float | str | None = "auto", chunk_bytes: int = 256 << 20,
+               num_threads: int | None = None, info: dict | None = None, layers: Sequence[str] | None = None,
+               exchange=None, **layer_opts) -> dict:
     """One-shot oViT pruning of ``model`` in place to ``sparsity`` (fraction of the prunable weights).
 
     ``block_size`` (B), ``num_grads`` (m), ``damping`` (λ): see the module docstring. ``nm=(2, 4)``
@@ -690,7 +756,8 @@ def ovit_prune(model: nn.Module, sparsity: float, calib, *, block_size: int = 64
     ``m × d`` gradients), ``"blocks"`` (accumulate ``d × B`` Fisher blocks on the fly) or ``"auto"``
     (the smaller; :func:`choose_fisher`). ``max_fisher_mb``: at most this much Fisher information is
     held at once; layers are processed in groups that fit, at the cost of repeating the gradient
-    passes per group (see the module docstring). ``info`` receives timings and sizes. ``masks``: the
+    passes per group (see the module docstring); ``"auto"`` (default): :func:`auto_fisher_mb`,
+    ``None``: no bound. ``info`` receives timings and sizes. ``masks``: the
     :class:`~hf_prune.sparse.masks.WeightMasks` to grow (:func:`hf_prune.prune` with ``method="ovit"``
     finds the layers and makes it transactional).
 
@@ -709,10 +776,11 @@ def ovit_prune(model: nn.Module, sparsity: float, calib, *, block_size: int = 64
         raise ValueError(f"block_size={block_size} must be >= 1")
     if damping <= 0:
         raise ValueError(f"damping={damping} must be > 0")
-    if max_fisher_mb is not None and not max_fisher_mb > 0:
-        raise ValueError(f"max_fisher_mb={max_fisher_mb} must be > 0 (MiB), or None for no limit")
+    if max_fisher_mb != "auto" and max_fisher_mb is not None and not (
+            isinstance(max_fisher_mb, (int, float)) and max_fisher_mb > 0):
+        raise ValueError(f"max_fisher_mb={max_fisher_mb!r} must be > 0 (MiB), 'auto' or None for no limit")
     names = masks.layers if layers is None else [n for n in masks.layers if n in set(layers)]
-    if grads:
+    if grads is not None:
         num_grads = int(next(iter(grads.values())).shape[0])
     mode = choose_fisher(fisher, num_grads, block_size, dtype, grad_dtype, have_grads=grads is not None)
     layers = [_LayerOBS(n, masks.weight(n), masks[n], block_size=block_size, damping=damping, nm=nm,
@@ -724,7 +792,19 @@ def ovit_prune(model: nn.Module, sparsity: float, calib, *, block_size: int = 64
     sizes = {lay.name: 0 if (grads is not None and mode == "gradients") else
              fisher_bytes(lay.d, fisher=mode, block_size=lay.block_size, num_grads=num_grads, dtype=dtype,
                           grad_dtype=grad_dtype) for lay in layers}
+    auto = max_fisher_mb == "auto"
+    if auto:
+        max_fisher_mb = auto_fisher_mb(sizes)
     groups = [g for g in plan_groups(sizes, max_fisher_mb) if g]  # none when this process owns no layer
+    if auto and len(groups) > 1:
+        rounds = len(groups) * (1 if nm is not None or allocation is not None else 2)
+        warnings.warn(f"oViT: the Fisher information of the {len(names)} layers needs "
+                      f"{sum(sizes.values()) / 2 ** 30:.1f} GiB (block_size={block_size}, num_grads={num_grads}); the "
+                      f"default budget max_fisher_mb='auto' ({max_fisher_mb:.0f} MiB) processes them in {len(groups)} "
+                      f"groups, i.e. {rounds} rounds of gradient passes instead of 1. Pass max_fisher_mb= (MiB) to "
+                      "choose, or lower block_size / num_grads", stacklevel=3)
+    if len(groups) > 1 and grads is None:
+        _check_repeatable(calib)
     source = _FisherSource(model, calib, fisher=mode, grads=grads, num_grads=num_grads, block_size=block_size,
                            masks=masks, loss_fn=loss_fn, dtype=dtype, grad_dtype=grad_dtype)
     if nm is not None:
@@ -742,18 +822,20 @@ def ovit_prune(model: nn.Module, sparsity: float, calib, *, block_size: int = 64
     t_sweep = t_apply = 0.0
     predicted = 0.0
     counts: dict[str, list[torch.Tensor]] = {}
-    with _threads(num_threads):
+    bar = progress(total=2 * len(layers), desc="oViT OBS sweeps")  # one sweep and one replay per layer
+    with _threads(num_threads), _closing(bar):
         for group in groups:  # pass 1 (and pass 2 when the counts do not need the other groups)
             glayers = [by_name[n] for n in group]
             source.build(glayers)
             t1 = time.perf_counter()
             for lay in glayers:
                 lay.sweep()
+                bar.update(1)
             t_sweep += time.perf_counter() - t1
             if one_round:
                 counts.update(_fixed_counts(glayers, targets))
                 t2 = time.perf_counter()
-                predicted += _apply_group(glayers, counts, masks)
+                predicted += _apply_group(glayers, counts, masks, bar)
                 t_apply += time.perf_counter() - t2
             if len(groups) > 1 or one_round:
                 source.drop(glayers)
@@ -772,7 +854,7 @@ def ovit_prune(model: nn.Module, sparsity: float, calib, *, block_size: int = 64
                 if glayers[0].fisher is None:
                     source.build(glayers)
                 t2 = time.perf_counter()
-                predicted += _apply_group(glayers, counts, masks)
+                predicted += _apply_group(glayers, counts, masks, bar)
                 t_apply += time.perf_counter() - t2
                 source.drop(glayers)
     for lay in layers:  # only now: every gradient pass above saw the original weights
@@ -781,7 +863,7 @@ def ovit_prune(model: nn.Module, sparsity: float, calib, *, block_size: int = 64
     if info is not None:
         info.update(grad_seconds=source.seconds, accumulate_seconds=source.accumulate_seconds,
                     sweep_seconds=t_sweep, apply_seconds=t_apply, num_grads=int(source.count or 0),
-                    predicted_loss=predicted, fisher=mode, groups=len(groups),
+                    predicted_loss=predicted, fisher=mode, groups=len(groups), max_fisher_mb=max_fisher_mb,
                     gradient_rounds=source.rounds, fisher_bytes=int(sum(sizes.values())),
                     max_group_fisher_bytes=int(max((sum(sizes[n] for n in g) for g in groups), default=0)),
                     grad_bytes=int(sum(g.numel() * g.element_size() for g in grads.values())) if grads is not None
@@ -789,11 +871,31 @@ def ovit_prune(model: nn.Module, sparsity: float, calib, *, block_size: int = 64
     return {"allocation": alloc_name, "predicted_loss": predicted}
 
 
-def _apply_group(layers: list[_LayerOBS], counts, masks: WeightMasks) -> float:
+def _apply_group(layers: list[_LayerOBS], counts, masks: WeightMasks, bar=None) -> float:
     """Pass 2 for a group: replay, record the new masks (weights are written at the very end)."""
     loss = 0.0
     for lay in layers:
         keep, lay_loss = lay.apply(counts[lay.name])
         masks.set(lay.name, keep)
         loss += lay_loss
+        if bar is not None:
+            bar.update(1)
     return loss
+
+
+@contextlib.contextmanager
+def _closing(bar):
+    try:
+        yield bar
+    finally:
+        bar.close()
+
+
+def _check_repeatable(calib) -> None:
+    """Several layer groups repeat the gradient passes: each must see the same batches."""
+    sampler = getattr(calib, "sampler", None)
+    if isinstance(sampler, torch.utils.data.RandomSampler):
+        raise PruningError("max_fisher_mb splits the layers into groups, each with its own gradient passes, but calib "
+                           "is a shuffling DataLoader: every group would see other batches. Pass a list of batches "
+                           "(or oViT's calibration_batches(...)), a loader without shuffle, or max_fisher_mb=None")
+

@@ -7,10 +7,9 @@ from torch import nn
 from ...core.distributed import process_group
 from ...errors import ConfigError
 from ...sparse.distributed import check_same_batches, exchange_ragged, owned_layers
-from ...sparse.masks import select_magnitude
 from ...sparse.oneshot import prune_weights_with
 from .config import RDConfig
-from .curves import RDCurves, allocate_rd, distortion_curves
+from .curves import RDCurves, allocate_rd, apply_rd_allocation, distortion_curves
 
 
 def partitioned_curves(model: nn.Module, calib, masks, config: RDConfig) -> RDCurves:
@@ -37,12 +36,13 @@ def select_rd(model: nn.Module, masks, sparsity: float, calib, config: RDConfig,
     """Grow ``masks`` to ``sparsity`` with the RD allocation measured on ``calib``.
 
     ``distributed=True`` (all ranks call it together, with the same ``calib``): the curves are measured by
-    layer share across the ranks of the process group (:func:`partitioned_curves`)."""
-    if distributed and process_group() is not None and options.get("curves") is None:
+    layer share across the ranks of the process group (:func:`partitioned_curves`); with ``rounds > 1``
+    every rank measures every round's curves (they depend on the previous round's pruning)."""
+    if distributed and process_group() is not None and options.get("curves") is None \
+            and options.get("rounds", 1) == 1:
         options["curves"] = partitioned_curves(model, calib, masks, config)
     targets = allocate_rd(model, sparsity, calib, masks=masks, **config.curve_options(), **options)
-    for n in masks.layers:
-        masks.set(n, select_magnitude(masks.weight(n), targets.get(n, 0.0), keep=masks[n]))
+    apply_rd_allocation(masks, targets, min_per_row=config.min_per_row)
     return {"allocation": "rd"}
 
 
@@ -54,5 +54,6 @@ def prune_rd(model: nn.Module, config: RDConfig, *, example_inputs=None, calib=N
     if calib is None:
         raise ConfigError("method 'rd' measures distortion curves: pass calib= (a list of "
                           "{'pixel_values': ...} dicts, (x, y) pairs or tensors)")
+    options.setdefault("rounds", config.rounds)  # in training, the rounds are the schedule's pruning steps
     return prune_weights_with(model, config, lambda m, masks, s: select_rd(m, masks, s, calib, config, **options),
                               example_inputs=example_inputs)
