@@ -21,7 +21,9 @@ simply deleting the blocks tied, so this script uses the hardest setting availab
   * progressive: UPDP annealing, lambda linear 0 -> 1 over the first ``--anneal-end`` (default 0.8,
     the library default) of the steps, then exact merge;
   * abrupt: lambda = 1 at step 0 (BN statistics re-estimated, as one-shot ``prune_depth`` does), then merge;
-  * removed: the blocks replaced by identity at step 0.
+  * removed: the blocks replaced by identity at step 0;
+  progressive and abrupt run with the paper's end activation after the residual sum (``end_act=True``,
+  the library's default for progressive training) and without it (``end_act=False``, the one-shot default).
 
     PYTHONPATH=. .venv/bin/python benchmarks/updp_evidence_photos.py           # ~30-60 min on 2 shared cores
     PYTHONPATH=. .venv/bin/python benchmarks/updp_evidence_photos.py --quick   # smoke run
@@ -113,19 +115,19 @@ def residual_blocks(model: nn.Module) -> list:
     return [r for r in find_blocks(model) if getattr(model.get_submodule(r.path), "has_skip", False)]
 
 
-def variant(name, dense, blocks, train_images, calib, args, seed) -> nn.Module:
+def variant(kind, dense, blocks, train_images, calib, args, seed, end_act=True) -> nn.Module:
     from hf_prune.methods.updp.depth import UPDPAnnealer, anneal, calibrate, recalibrate_bn, set_lambda, set_module
 
     model = copy.deepcopy(dense)
-    if name == "removed":
+    if kind == "removed":
         for path in blocks:
             set_module(model, path, nn.Identity())
         distill(model, dense, train_images, args, seed)
         return model
-    wrappers = anneal(model, blocks, end_act=True)
+    wrappers = anneal(model, blocks, end_act=end_act)
     calibrate(model, [calib], wrappers)
     ann = UPDPAnnealer.from_blocks(model, wrappers, start=0.0, end=args.anneal_end, total_steps=args.steps)
-    if name == "abrupt":
+    if kind == "abrupt":
         set_lambda(wrappers, 1.0)
         recalibrate_bn(model, [calib], wrappers)
         distill(model, dense, train_images, args, seed)
@@ -136,33 +138,38 @@ def variant(name, dense, blocks, train_images, calib, args, seed) -> nn.Module:
     return model
 
 
-def one_shot(name, dense, blocks, calib) -> nn.Module:
+def one_shot(kind, dense, blocks, calib, end_act=True) -> nn.Module:
     """The variant at step 0, without fine-tuning."""
     from hf_prune.methods.updp.depth import anneal, calibrate, recalibrate_bn, set_lambda, set_module
 
     model = copy.deepcopy(dense).eval()
-    if name == "removed":
+    if kind == "removed":
         for path in blocks:
             set_module(model, path, nn.Identity())
         return model
-    wrappers = anneal(model, blocks, end_act=True)
+    wrappers = anneal(model, blocks, end_act=end_act)
     calibrate(model, [calib], wrappers)
     set_lambda(wrappers, 1.0)
     recalibrate_bn(model, [calib], wrappers)
     return model
 
 
+VARIANTS = {"progressive": ("progressive", True), "abrupt": ("abrupt", True),
+            "progressive, no end act": ("progressive", False), "abrupt, no end act": ("abrupt", False),
+            "removed": ("removed", True)}
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--variant", type=int, default=1, help="EfficientNet-Lite 1 or 2")
-    ap.add_argument("--size", type=int, default=128, help="crop size (px)")
+    ap.add_argument("--size", type=int, default=96, help="crop size (px)")
     ap.add_argument("--num-blocks", type=int, default=6)
-    ap.add_argument("--steps", type=int, default=80)
+    ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--lr", type=float, default=3e-4)
     ap.add_argument("--anneal-end", type=float, default=0.8)
     ap.add_argument("--seeds", default="0,1")
-    ap.add_argument("--test-crops", type=int, default=48, help="per held-out photo")
+    ap.add_argument("--test-crops", type=int, default=32, help="per held-out photo")
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args(argv)
     if args.quick:
@@ -196,16 +203,16 @@ def main(argv=None) -> dict:
 
     student = lambda m: copy.deepcopy(m).requires_grad_(True)  # noqa: E731  (the dense copy is frozen)
     rows = {"one-shot": {}, "runs": {}}
-    for name in ("abrupt", "removed"):
-        m = one_shot(name, dense, chosen, calib)
+    for name in ("abrupt", "abrupt, no end act", "removed"):
+        m = one_shot(VARIANTS[name][0], dense, chosen, calib, end_act=VARIANTS[name][1])
         rows["one-shot"][name] = fidelity(m, dense, test)
         log(f"one-shot {name}: {rows['one-shot'][name]}")
     macs = {}
     for seed in (int(s) for s in args.seeds.split(",")):
-        for name in ("progressive", "abrupt", "removed"):
-            m = variant(name, student(dense), chosen, train_images, calib, args, seed)
+        for name, (kind, end_act) in VARIANTS.items():
+            m = variant(kind, student(dense), chosen, train_images, calib, args, seed, end_act)
             rows["runs"].setdefault(name, []).append(fidelity(m, dense, test))
-            macs[name] = count_macs(m, x1)
+            macs[kind] = count_macs(m, x1)
             log(f"seed {seed} {name}: {rows['runs'][name][-1]}")
     data = {"info": info, "args": vars(args), "candidates": [r.path for r in cands], "chosen": chosen,
             "scores": {s["ref"].path: s["score"] for s in scores}, "dense_macs": dense_macs, "macs": macs,
