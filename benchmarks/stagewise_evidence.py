@@ -244,8 +244,8 @@ def run_searches(supernets: dict, oneshot, evals, calib, train, val, args, timin
                         "macs_ratio": r.macs_ratio, "proxy_accuracy": r.score,
                         "stage_loss": sum(sup.stage_scores(r.choice, evals, calib)), "search_s": seconds,
                         "finetuned_runs": runs, "finetuned": sum(runs) / len(runs)})
-            print(f"search {search} on {name}: MACs {r.macs_ratio:.3f} proxy {r.score:.4f} ft {out[-1]['finetuned']:.4f}"
-                  f" ({seconds:.0f} s)", flush=True)
+            print(f"search {search} on {name}: MACs {r.macs_ratio:.3f} proxy {r.score:.4f} "
+                  f"ft {out[-1]['finetuned']:.4f} ({seconds:.0f} s)", flush=True)
     timings["searches_s"] = sum(o["search_s"] for o in out)
     return out
 

@@ -24,7 +24,8 @@ Event flow (step ``t`` = optimizer steps done):
 * ``on_train_end`` (``search_at_end``, the default): the best subnet under ``target_macs`` on held-out
   data (the evaluation set, else the first training items), by the config's ``search`` (default
   ``"stagewise"``: every stage scored by its training loss against the full net, stages combined by a
-  DP, the best few checked by chained proxy accuracy with BN recalibrated) is extracted in place and compacted, and its record and spec are written, so
+  DP, the best few checked by chained proxy accuracy with BN recalibrated) is extracted in place and
+  compacted, and its record and spec are written, so
   ``trainer.save_model`` saves the pruned model. With ``search_at_end=False`` the supernet stays and
   :meth:`StageWiseTrainer.search` returns an extracted copy.
 """

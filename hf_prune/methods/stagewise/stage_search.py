@@ -208,9 +208,9 @@ def stage_candidates(space, variables: list, inp: list, out: list, limit: int, g
 
     found[tuple(s - 1 for s in sizes)] = None
     found[tuple(0 for _ in sizes)] = None
-    for i in range(max(len(ins), len(outs))):  # every interface width at least once
-        add(ins[i % len(ins)], outs[i % len(outs)], levels[min(len(levels) - 1, i * len(levels) // max(len(ins),
-                                                                                                    len(outs)))])
+    n_if = max(len(ins), len(outs))
+    for i in range(n_if):  # every interface width at least once, the other groups at a matching ratio
+        add(ins[i % len(ins)], outs[i % len(outs)], levels[i * len(levels) // n_if])
     for _ in range(limit * 20):
         if len(found) >= limit:
             break
@@ -218,7 +218,7 @@ def stage_candidates(space, variables: list, inp: list, out: list, limit: int, g
         b = outs[int(torch.randint(len(outs), (1,), generator=generator))]
         c = tuple(int(torch.randint(sizes[pos[g]], (1,), generator=generator)) for g in local)
         add(a, b, c)
-    return list(found)[:max(limit, max(len(ins), len(outs)) + 2)]
+    return list(found)[:max(limit, n_if + 2)]
 
 
 # --------------------------------------------------------------------------------------- search

@@ -544,7 +544,7 @@ class Supernet:
         return loss
 
     def stage_batchnorms(self, k: int) -> list:
-        """BatchNorms whose statistics stage ``k``'s score depends on (those of its modules, see :attr:`module_stage`)."""
+        """BatchNorms whose statistics stage ``k``'s score depends on (those of its modules: :attr:`module_stage`)."""
         owned = {id(m) for n, m in self.model.named_modules() if self.module_stage.get(n) == k}
         return [m for m in self._batchnorms() if id(m) in owned]
 
