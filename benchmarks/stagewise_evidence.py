@@ -10,15 +10,21 @@ Protocol (everything seeded, CPU, one thread):
    full net's stage input and regressing its stage output, head distilled from the full net's logits;
    (b) **plain** — end-to-end distillation from the full net's logits, no per-stage supervision.
 3. ``--subnets`` subnets are drawn at random (same for both) with MACs in a band below the budget.
-   Proxy accuracy of each: held-out accuracy inside each supernet, BN recalibrated per subnet. As
-   references also: the untrained supernet (the full net itself, BN recalibrated: the one-shot proxy)
-   and MACs alone.
+   Two proxies for each, inside each supernet: (i) **chained** — held-out accuracy of the whole
+   subnet, BN recalibrated per subnet; (ii) **stage loss** — the sum over stages of each stage's
+   training loss against the full net on the same held-out data (stage fed the full net's input, BN
+   of the stage recalibrated; :meth:`Supernet.stage_scores`, the objective of the stage-wise search).
+   As references also: the untrained supernet (the full net itself: the one-shot proxies) and MACs alone.
 4. Ground truth: each subnet is extracted from the *full net* (leading channels, compacted) and
    fine-tuned with the same small budget (``--finetune-steps``, cross-entropy, ``--seeds`` seeds
    averaged); held-out accuracy.
 5. Kendall tau between each proxy and the ground truth.
+6. Searches at ``--target`` of the dense MACs: the stage-wise search (per-stage scores, DP over stages,
+   chained check of the best 4; ``search="stagewise"``) and the evolutionary search by chained accuracy
+   (``search="chained"``), each on the supernets; every searched subnet is extracted from the full net
+   and fine-tuned like the ground truth (same seeds).
 
-Run: ``PYTHONPATH=. .venv/bin/python benchmarks/stagewise_evidence.py`` (about 10-15 min on 2 shared
+Run: ``PYTHONPATH=. .venv/bin/python benchmarks/stagewise_evidence.py`` (about 15-25 min on 2 shared
 cores); ``--quick`` for a smoke run. Writes ``benchmarks/results/stagewise_evidence.{md,json}``.
 """
 from __future__ import annotations
@@ -73,7 +79,8 @@ def train_supernet(pretrained: nn.Module, train, supervision: str, steps: int, l
     from hf_prune.methods.stagewise.callback import StageWiseCallback, StageWiseTrainer
 
     model = copy.deepcopy(pretrained)
-    cb = StageWiseCallback(target_macs=0.5, round_to=4, supervision=supervision, num_random=2, seed=seed)
+    cb = StageWiseCallback(target_macs=0.5, round_to=4, supervision=supervision, num_random=2, seed=seed,
+                           search_at_end=False)
     args = TrainingArguments(output_dir=out_dir, use_cpu=True, seed=seed, data_seed=seed, report_to=[],
                              dataloader_num_workers=0, save_strategy="no", max_steps=steps,
                              per_device_train_batch_size=64, learning_rate=lr, lr_scheduler_type="cosine",
@@ -82,7 +89,7 @@ def train_supernet(pretrained: nn.Module, train, supervision: str, steps: int, l
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer.train()
-    return cb.supernet, [h for h in trainer.state.log_history if "stagewise/loss_min" in h]
+    return cb.supernet, [h for h in trainer.state.log_history if "prune/loss_min" in h]
 
 
 def draw_subnets(sup, n: int, band: tuple, seed: int) -> list:
@@ -125,11 +132,15 @@ def main(argv=None) -> dict:
     p.add_argument("--subnets", type=int, default=12)
     p.add_argument("--band", default="0.28,0.45", help="MACs ratio band of the sampled subnets")
     p.add_argument("--calib-batches", type=int, default=8)
+    p.add_argument("--target", type=float, default=0.45, help="MACs budget of the searches")
+    p.add_argument("--stage-candidates", type=int, default=32)
     p.add_argument("--quick", action="store_true", help="tiny settings (smoke run; results not written)")
     args = p.parse_args(argv)
     if args.quick:
         args.pretrain_steps, args.supernet_steps, args.finetune_steps, args.seeds, args.subnets = 40, 6, 10, 1, 8
+        args.stage_candidates, args.calib_batches = 6, 2
     torch.set_num_threads(1)
+    os.environ.setdefault("HF_PRUNE_DISABLE_PROGRESS", "1")  # the log below says where the run is
     info = env_info()
     t_start = time.time()
 
@@ -150,7 +161,7 @@ def main(argv=None) -> dict:
     example = {"pixel_values": val.pixel_values[:2]}
     calib = batches(train, 64, args.calib_batches, seed=1)
     evals = batches(val, 250)
-    oneshot = Supernet(copy.deepcopy(full), example, round_to=4, make_teacher=False)
+    oneshot = Supernet(copy.deepcopy(full), example, round_to=4, teacher=Supernet.frozen_copy(full))
     subnets = draw_subnets(oneshot, args.subnets, band, seed=123)
 
     supernets, logs = {}, {}
@@ -169,21 +180,22 @@ def main(argv=None) -> dict:
         row = {"subnet": i, "macs_ratio": oneshot.macs_ratio(choice), "widths": oneshot.space.widths(choice)}
         for name, sup in supernets.items():
             row[f"proxy[{name}]"] = sup.proxy_accuracy(choice, evals, calib)
-        accs = []
-        for seed in range(args.seeds):
-            sub = oneshot.extract(choice, calib)
-            accs.append(accuracy(train_ce(sub, train, args.finetune_steps, 2e-3, seed=100 + seed), val))
-        row["finetuned"] = sum(accs) / len(accs)
-        row["finetuned_runs"] = accs
+            row[f"stage loss[{name}]"] = sum(sup.stage_scores(choice, evals, calib))
+        row["finetuned_runs"] = finetune(oneshot, choice, train, val, calib, args)
+        row["finetuned"] = sum(row["finetuned_runs"]) / len(row["finetuned_runs"])
         rows.append(row)
         print(f"subnet {i}: MACs {row['macs_ratio']:.3f} " + " ".join(
-            f"{k}={v:.4f}" for k, v in row.items() if k.startswith("proxy")) + f" ft={row['finetuned']:.4f}",
-            flush=True)
+            f"{k}={v:.4f}" for k, v in row.items() if k.startswith(("proxy", "stage loss")))
+            + f" ft={row['finetuned']:.4f}", flush=True)
     timings["subnets_s"] = time.time() - t
 
     truth = [r["finetuned"] for r in rows]
-    taus = {name: kendall_tau([r[f"proxy[{name}]"] for r in rows], truth) for name in supernets}
+    taus = {}
+    for name in supernets:
+        taus[f"{name}: chained accuracy"] = kendall_tau([r[f"proxy[{name}]"] for r in rows], truth)
+        taus[f"{name}: stage loss (lower is better)"] = kendall_tau([-r[f"stage loss[{name}]"] for r in rows], truth)
     taus["MACs alone"] = kendall_tau([r["macs_ratio"] for r in rows], truth)
+    searches = run_searches(supernets, oneshot, evals, calib, train, val, args, timings)
     # How well the ground truth ranks itself: tau between fine-tuning runs with different seeds (a ceiling
     # for any proxy; low values mean the differences between subnets are within fine-tuning noise).
     pairs = [(a, b) for a in range(args.seeds) for b in range(a + 1, args.seeds)]
@@ -195,7 +207,8 @@ def main(argv=None) -> dict:
              "spread_of_means": max(truth) - min(truth)}
     timings["total_s"] = time.time() - t_start
     result = {"info": info, "args": vars(args), "full_accuracy": full_acc, "widths": widths, "band": band,
-              "kendall_tau": taus, "ground_truth_noise": noise, "subnets": rows, "timings": timings, "loss_logs": logs,
+              "kendall_tau": taus, "ground_truth_noise": noise, "subnets": rows, "searches": searches,
+              "timings": timings, "loss_logs": logs,
               "stages": [s.name for s in oneshot.stages], "groups": [len(g) for g in oneshot.graph.groups]}
     for name, tau in taus.items():
         print(f"Kendall tau [{name}]: {tau:+.3f}", flush=True)
@@ -203,6 +216,38 @@ def main(argv=None) -> dict:
     if not args.quick:
         write_results("stagewise_evidence", render(result), result)
     return result
+
+
+def finetune(oneshot, choice, train, val, calib, args) -> list:
+    """Held-out accuracy of ``choice`` extracted from the full net and fine-tuned, one value per seed."""
+    from hf_prune.data import accuracy
+
+    return [accuracy(train_ce(oneshot.extract(choice, calib), train, args.finetune_steps, 2e-3, seed=100 + seed), val)
+            for seed in range(args.seeds)]
+
+
+def run_searches(supernets: dict, oneshot, evals, calib, train, val, args, timings) -> list:
+    """Stage-wise and chained searches on each supernet at ``args.target``; searched subnets fine-tuned."""
+    from hf_prune.methods.stagewise.config import StageWiseConfig
+    from hf_prune.methods.stagewise.stage_search import search_subnet
+
+    config = StageWiseConfig(target_macs=args.target, round_to=4, stage_candidates=args.stage_candidates,
+                             final_candidates=4, population=16, generations=4, calib_batches=args.calib_batches)
+    out = []
+    for name, sup in supernets.items():
+        for search in ("stagewise", "chained"):
+            t = time.time()
+            r = search_subnet(sup, config, evals, calib, target_macs=args.target, search=search)
+            seconds = time.time() - t
+            runs = finetune(oneshot, r.choice, train, val, calib, args)
+            out.append({"supernet": name, "search": search, "choice": list(r.choice), "widths": r.widths,
+                        "macs_ratio": r.macs_ratio, "proxy_accuracy": r.score,
+                        "stage_loss": sum(sup.stage_scores(r.choice, evals, calib)), "search_s": seconds,
+                        "finetuned_runs": runs, "finetuned": sum(runs) / len(runs)})
+            print(f"search {search} on {name}: MACs {r.macs_ratio:.3f} proxy {r.score:.4f} "
+                  f"ft {out[-1]['finetuned']:.4f} ({seconds:.0f} s)", flush=True)
+    timings["searches_s"] = sum(o["search_s"] for o in out)
+    return out
 
 
 def _std(xs) -> float:
@@ -222,8 +267,14 @@ def render(r: dict) -> str:
         "batch 64, sandwich rule (largest + smallest + 2 random per step, identical draws for both), widths 0.25..1.0 "
         "step 0.125 rounded to multiples of 4; (a) stage-wise: stage k>0 fed the full net's stage input, relative "
         "MSE to its stage output, head KD; (b) plain: end-to-end KD from the full net's logits",
-        f"subnets: {a['subnets']} random per-group widths with MACs in {tuple(r['band'])} of the dense MACs; proxy = "
-        f"held-out accuracy inside the supernet with BN recalibrated on {a['calib_batches']} training batches",
+        f"subnets: {a['subnets']} random per-group widths with MACs in {tuple(r['band'])} of the dense MACs; proxies "
+        f"on the 1000 held-out digits inside each supernet: chained accuracy (BN recalibrated on "
+        f"{a['calib_batches']} training batches) and the stage loss (sum over stages of the stage's training loss "
+        "against the full net, stage fed the full net's input, the stage's BN recalibrated)",
+        f"searches: at {a['target']} of the dense MACs on the same held-out digits; stage-wise = per-stage scores of "
+        f"{a['stage_candidates']} width assignments per stage, DP over stages, best 4 checked by chained accuracy; "
+        "chained = evolutionary by chained accuracy (population 16, 4 generations); each searched subnet "
+        "extracted from the full net and fine-tuned like the ground truth",
         f"ground truth: subnet extracted from the full net (leading l2 channels, BN recalibrated, compacted), "
         f"fine-tuned {a['finetune_steps']} steps (cross-entropy, AdamW lr 2e-3 one-cycle, batch 64), mean of "
         f"{a['seeds']} seeds; held-out accuracy",
@@ -239,7 +290,13 @@ def render(r: dict) -> str:
                f"{', '.join(f'{t:+.3f}' for t in n['seed_vs_seed_taus'])}); "
                f"mean per-subnet std over seeds {n['mean_seed_std']:.4f}; spread of the mean accuracies "
                f"{n['spread_of_means']:.4f}.\n")
-    proxies = [k for k in r["subnets"][0] if k.startswith("proxy[")]
+    md += "\n## Searches at the budget, then fine-tuned\n\n"
+    md += md_table(["supernet", "search", "MACs", "widths", "chained proxy", "stage loss", "search time (s)",
+                    "fine-tuned (mean)", "fine-tuned runs"],
+                   [[o["supernet"], o["search"], f"{o['macs_ratio']:.3f}", o["widths"], f"{o['proxy_accuracy']:.4f}",
+                     f"{o['stage_loss']:.4f}", f"{o['search_s']:.0f}", f"{o['finetuned']:.4f}",
+                     ", ".join(f"{x:.4f}" for x in o["finetuned_runs"])] for o in r["searches"]])
+    proxies = [k for k in r["subnets"][0] if k.startswith(("proxy[", "stage loss["))]
     md += "\n## Per subnet\n\n"
     md += md_table(["#", "MACs", "widths"] + proxies + ["fine-tuned (mean)", "fine-tuned runs"],
                    [[s["subnet"], f"{s['macs_ratio']:.3f}", s["widths"]] + [f"{s[k]:.4f}" for k in proxies]

@@ -137,7 +137,7 @@ def main(argv=None):
     ap.add_argument("--corr-steps", type=int, default=120)
     ap.add_argument("--finetune-steps", default="100,300", help="fine-tuning budgets (steps), comma-separated")
     ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--anneal-end", type=float, default=0.5)
+    ap.add_argument("--anneal-end", type=float, default=0.8, help="end of the lambda window (the library default)")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--no-removal", action="store_true", help="skip the remove-the-blocks reference")
     ap.add_argument("--quick", action="store_true")

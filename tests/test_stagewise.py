@@ -228,6 +228,150 @@ def test_evolutionary_search_finds_the_best_feasible_in_a_small_space():
     assert feasible(best) and score == pytest.approx(max(fitness(c) for c in every), abs=0.03)
 
 
+# ------------------------------------------------------------------------------------------ stage-wise search
+
+
+def test_dp_over_stages_returns_the_brute_force_optimum_within_budget():
+    import itertools
+    import random
+
+    from hf_prune.methods.stagewise.stage_search import StageOption, best_combinations
+
+    rng = random.Random(0)
+    for trial in range(30):
+        n = rng.randint(1, 4)
+        options = []
+        for k in range(n):
+            opts = []
+            for _ in range(rng.randint(1, 6)):
+                inp = None if k == 0 else rng.randint(0, 2)
+                out = None if k == n - 1 else rng.randint(0, 2)
+                opts.append(StageOption(inp, out, round(rng.uniform(0, 5), 3), rng.randint(0, 9)))
+            options.append(opts)
+        budget = rng.randint(0, 9 * n)
+        chains = [c for c in itertools.product(*[range(len(o)) for o in options])
+                  if all(options[k][c[k]].inp == (options[k - 1][c[k - 1]].out if k else None) for k in range(n))
+                  and sum(options[k][j].macs for k, j in enumerate(c)) <= budget]
+        want = sorted(sum(options[k][j].cost for k, j in enumerate(c)) for c in chains)[:3]
+        got = best_combinations(options, budget, top_k=3)
+        assert [c for c, _ in got] == pytest.approx(want), trial
+        for cost, picks in got:  # each returned chain is valid, fits, and costs what it says
+            assert tuple(picks) in chains
+            assert sum(options[k][j].cost for k, j in enumerate(picks)) == pytest.approx(cost)
+        # quantised MACs: never over budget, and optimal among chains that fit with one unit per stage to spare
+        found = best_combinations(options, budget, top_k=2, bins=4)
+        assert all(sum(options[k][j].macs for k, j in enumerate(picks)) <= budget for _, picks in found)
+        unit = -(-budget // 4) if budget > 4 else 1
+        slack = [c for c in chains if sum(options[k][j].macs for k, j in enumerate(c)) <= budget - n * unit]
+        if slack:
+            assert found[0][0] <= min(sum(options[k][j].cost for k, j in enumerate(c)) for c in slack) + 1e-9
+
+
+@pytest.mark.parametrize("kind,kw", [("resnet", {}), ("convnext", {}), ("vit", {"prune_stem": True, "num_stages": 3})])
+def test_macs_split_over_stages_is_exact(kind, kw):
+    from hf_prune.methods.stagewise.stage_search import stage_charges, stage_layout
+
+    size = _size(kind)
+    sup = Supernet(tiny(kind), {"pixel_values": torch.randn(2, 3, size, size)}, round_to=1, make_teacher=False, **kw)
+    layout, space = stage_layout(sup), sup.space
+    if kind == "vit":  # the embedding width acts in every stage: searched in the outer loop
+        assert layout.spanning == [0] and all(0 not in v for v in layout.variables)
+    else:  # a residual stream is the interface between its stage and the next one
+        assert all(len(f) == 1 for f in layout.interfaces[1:]) and not layout.spanning
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(10):
+        choice = space.sample(gen)
+        ref = list(space.max_choice())
+        for g in layout.spanning:
+            ref[g] = choice[g]
+        total = space.macs(tuple(ref))
+        for k, groups in enumerate(layout.variables):
+            inp = layout.interfaces[k - 1] if k else []
+            total += stage_charges(space, tuple(ref), groups, inp, [tuple(choice[g] for g in groups)])[0]
+        assert total == space.macs(choice)
+
+
+@pytest.mark.parametrize("kind", ["convnext", "resnet"])
+def test_stage_score_is_the_stage_loss_of_training(kind):
+    model = tiny(kind)
+    _noisy_bn_stats(model, 32)
+    sup = Supernet(model, {"pixel_values": torch.randn(2, 3, 32, 32)}, round_to=1)
+    model.eval()
+    batch = {"pixel_values": torch.randn(8, 3, 32, 32), "labels": torch.randint(10, (8,))}
+    choice = sup.space.sample(torch.Generator().manual_seed(1))
+    weights = {"temperature": 2.0, "stage_weight": 0.7, "kd_weight": 1.3}
+    scores = sup.stage_scores(choice, [batch], **weights)
+    with torch.no_grad():
+        for k, score in enumerate(scores):
+            loss, _ = sup.subnet_loss(choice, {"pixel_values": batch["pixel_values"]}, stages=[k], **weights)
+            assert score == pytest.approx(float(loss), rel=1e-5, abs=1e-7), k
+        total, _ = sup.subnet_loss(choice, {"pixel_values": batch["pixel_values"]}, **weights)
+    assert sum(scores) == pytest.approx(float(total), rel=1e-5)
+    assert min(scores) > 0 and sup.stage_scores(sup.space.max_choice(), [batch], **weights)[0] == pytest.approx(0)
+    if kind == "resnet":  # BN recalibrated per candidate on the full net's stage inputs, then put back
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        recal = sup.stage_scores(choice, [batch], [batch], **weights)
+        assert recal != pytest.approx(scores) and all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_stagewise_search_is_the_dp_optimum_of_the_stage_scores():
+    import itertools
+
+    from hf_prune.methods.stagewise.stage_search import stage_layout, stagewise_search
+
+    model = tiny("resnet")
+    _noisy_bn_stats(model, 32)
+    sup = Supernet(model, {"pixel_values": torch.randn(2, 3, 32, 32)}, round_to=8, ratios=(0.5, 0.75, 1.0))
+    data = [{"pixel_values": torch.randn(16, 3, 32, 32), "labels": torch.randint(10, (16,))} for _ in range(2)]
+    evals, calib = data[:1], data[1:]
+    bins = 4096
+    result = stagewise_search(sup, evals, calib, target_macs=0.8, candidates=64, top_k=1, bins=bins)
+    budget = 0.8 * sup.dense_macs
+    assert result.method == "stagewise" and result.macs <= budget and result.macs == sup.space.macs(result.choice)
+    assert result.objective == pytest.approx(sum(sup.stage_scores(result.choice, evals, calib)), rel=1e-6)
+    # brute force over every subnet (every stage's assignments were enumerated: candidates=64 covers them)
+    layout = stage_layout(sup)
+    scores = [{} for _ in sup.stages]
+    for k, groups in enumerate(layout.variables):
+        assignments = list(itertools.product(*[range(len(sup.space.counts[g])) for g in groups]))
+        assert len(assignments) <= 64
+        choices = []
+        for a in assignments:
+            c = list(sup.space.max_choice())
+            for g, v in zip(groups, a):
+                c[g] = v
+            choices.append(tuple(c))
+        scores[k] = dict(zip(assignments, sup.score_stage(k, choices, evals, calib)))
+    every = list(itertools.product(*[range(len(c)) for c in sup.space.counts]))
+    assert len(every) < 1000
+
+    def objective(c):
+        return sum(scores[k][tuple(c[g] for g in groups)] for k, groups in enumerate(layout.variables))
+
+    unit = -(-int(budget) // bins)  # one quantisation unit per stage of slack, as the DP promises
+    fits = [c for c in every if sup.space.macs(c) <= budget - len(sup.stages) * unit]
+    assert result.objective <= min(objective(c) for c in fits) + 1e-9
+    assert result.objective == pytest.approx(min(objective(c) for c in every if sup.space.macs(c) <= budget), rel=1e-3)
+
+
+def test_search_option_and_latency_budget():
+    from hf_prune.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"search='evolution' is not one of"):
+        StageWiseConfig(search="evolution")
+    model = tiny("resnet")
+    x = {"pixel_values": torch.randn(2, 3, 32, 32)}
+    calib = [{"pixel_values": torch.randn(8, 3, 32, 32), "labels": torch.randint(10, (8,))}]
+    stats = prune_stagewise(model, StageWiseConfig(target_macs=0.8, round_to=4, search="chained", population=4,
+                                                   generations=1), example_inputs=x, calib=calib)
+    assert "stage_objective" not in stats and stats["macs_after"] <= 0.8 * stats["macs_before"]
+    from hf_prune.methods.stagewise.stage_search import stagewise_search
+
+    sup = Supernet(tiny("resnet"), x, round_to=8)
+    full = stagewise_search(sup, calib, None, max_latency_ms=1e6, example_inputs=x, candidates=8, top_k=2)
+    assert full.macs_ratio == 1.0 and full.objective == pytest.approx(0.0) and full.latency_ms is not None
+
+
 def test_kendall_tau():
     assert kendall_tau([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
     assert kendall_tau([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)

@@ -35,12 +35,26 @@ class DepGraphCallback(ScheduledPruningCallback):
     (the paper's baseline "w/o SL" with l2) or ``"taylor"`` (``|w · ∂L/∂w|``, accumulated after every
     backward since the previous pruning step; a due step waits one step if no gradient was seen yet).
 
-    ``group_sparsity=λ`` is the paper's sparse learning: a group-level penalty over every coupled unit
-    ``k`` weighted by ``γ_k = 2^{α (I_max − I_k)/(I_max − I_min)}`` inside each group (``I_k = ||w_k||²``),
-    so that less important units are pushed harder towards zero. ``sparse_penalty="lasso"`` (default)
-    adds ``λ Σ_k γ_k ||w_k||₂`` (gradient ``λ γ_k w / ||w_k||``), ``"squared"`` the paper's
-    ``λ Σ_k γ_k ||w_k||²`` (gradient ``2 λ γ_k w``). The gradient is **added to ``.grad``** after
-    clipping and DDP averaging, on every step before the schedule's last pruning step.
+    ``group_sparsity=λ`` is the paper's sparse learning (Sec. 3.3 of arXiv 2301.12093). For every group
+    ``g`` of coupled units, the paper adds ``R(g) = Σ_k γ_k · I_{g,k}`` to the loss, where
+    ``I_{g,k} = Σ_{w ∈ g} ||w[k]||²`` is unit ``k``'s squared L2 norm summed over *every* parameter slice
+    the unit couples (both sides of each layer, norms, biases, ...) and
+    ``γ_k = 2^{α (I_g^max − I_{g,k}) / (I_g^max − I_g^min)}`` (``α = sparse_alpha``, 4 in the paper: γ
+    from 1 for the most important unit to 16 for the least), held constant within a step, so that the
+    less important units of each group shrink faster, together. ``sparse_penalty="squared"`` (default)
+    is that form, ``λ Σ_k γ_k I_{g,k}`` (gradient ``2 λ γ_k w``); ``"lasso"`` is a weighted group lasso
+    ``λ Σ_k γ_k ||w_k||₂`` (gradient ``λ γ_k w / ||w_k||``), which is not in the paper and drives units
+    to exactly zero at a constant rate (compared in ``benchmarks/results/sparse_learning.md``).
+    The gradient is **added to ``.grad``** after clipping and DDP averaging, on every step before the
+    schedule's last pruning step; γ uses the units not yet removed.
+
+    What the paper's reference code does (Torch-Pruning's ``GroupNormPruner.regularize``, called
+    between ``backward()`` and ``optimizer.step()``): for each group, ``γ = α^{(n_max − n)/(n_max − n_min)}``
+    with ``α = 2^4`` from the group's per-unit L2 norms ``n`` (the square root of its group importance,
+    not the squared norm the paper writes), and ``.grad += reg · γ · w`` on the output slices of
+    convolutions / linears, their input slices and BatchNorm weights (biases only with ``bias=True``;
+    default ``reg`` 1e-4). That is the squared penalty with ``reg = 2λ``, on fewer tensors than here:
+    hf_prune follows the paper's formula (γ from squared norms, every coupled parameter slice).
 
     ``reference``: ``{"macs", "params", "prunable_params"}`` of the model the targets refer to (staged
     fine-tuning passes the original dense model's counts, so that each stage's target is relative to it

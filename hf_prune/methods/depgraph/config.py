@@ -10,7 +10,7 @@ from ...errors import ConfigError
 
 IMPORTANCES = ("l2", "l1", "taylor")
 MODES = ("global", "local")
-SPARSE_PENALTIES = ("lasso", "squared")
+SPARSE_PENALTIES = ("squared", "lasso")
 TARGETS = ("target_macs", "sparsity", "target_latency")
 LATENCY_DTYPES = ("float32", "float16", "bfloat16", "float64")
 SYNC_MODES = ("all_reduce", "broadcast")  # how scores agree across processes (core.distributed.sync_scores)
@@ -33,7 +33,10 @@ class DepGraphConfig(ScheduleConfig):
     ``ignored_layers``: module names whose output channels stay.
     Training only: the schedule fields (:class:`~hf_prune.config.ScheduleConfig`), ``compact_at_end``,
     ``sync`` (``"all_reduce"`` / ``"broadcast"``: how scores agree across processes), and the paper's
-    sparse learning: ``group_sparsity`` (λ; 0 disables), ``sparse_alpha``, ``sparse_penalty``.
+    sparse learning: ``group_sparsity`` (λ; 0 disables), ``sparse_alpha`` (α: the least important unit
+    of a group is penalised ``2^α`` times as much as the most important), ``sparse_penalty``
+    (``"squared"``: the paper's ``λ Σ_k γ_k ||w_k||²``; ``"lasso"``: ``λ Σ_k γ_k ||w_k||₂``, ours); see
+    :class:`~hf_prune.methods.depgraph.callback.DepGraphCallback`.
     """
 
     method = "depgraph"
@@ -53,7 +56,7 @@ class DepGraphConfig(ScheduleConfig):
     sync: str = "all_reduce"
     group_sparsity: float = 0.0
     sparse_alpha: float = 4.0
-    sparse_penalty: str = "lasso"
+    sparse_penalty: str = "squared"
 
     def validate(self) -> None:
         given = [k for k in TARGETS if getattr(self, k) is not None]

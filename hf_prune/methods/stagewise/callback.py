@@ -21,9 +21,11 @@ Event flow (step ``t`` = optimizer steps done):
   one backward pass for all of them (DDP-safe).
 * ``on_log``: ``prune/loss_max``, ``prune/loss_min``, ``prune/loss_random``.
 * ``on_save``: ``hf_prune_state.json`` (settings, unit orders, step, digest of the last draw).
-* ``on_train_end`` (``search_at_end``, the default): the best subnet under ``target_macs`` by proxy
-  accuracy on held-out data (the evaluation set, else the first training items; BN recalibrated per
-  candidate) is extracted in place and compacted, and its record and spec are written, so
+* ``on_train_end`` (``search_at_end``, the default): the best subnet under ``target_macs`` on held-out
+  data (the evaluation set, else the first training items), by the config's ``search`` (default
+  ``"stagewise"``: every stage scored by its training loss against the full net, stages combined by a
+  DP, the best few checked by chained proxy accuracy with BN recalibrated) is extracted in place and
+  compacted, and its record and spec are written, so
   ``trainer.save_model`` saves the pruned model. With ``search_at_end=False`` the supernet stays and
   :meth:`StageWiseTrainer.search` returns an extracted copy.
 """
@@ -43,6 +45,7 @@ from ...errors import ConfigError, PruningError
 from ...trainer.callback import PruningCallback
 from ...trainer.state import calib_from_dataloader
 from .config import StageWiseConfig
+from .stage_search import search_stats, search_subnet
 from .supernet import Supernet, digest
 
 logger = logging.getLogger(__name__)
@@ -170,23 +173,22 @@ class StageWiseCallback(PruningCallback):
         evals, calib = self.search_batches()
         sup = self.supernet
         result = self.run_search(evals, calib)
-        stats = {**sup.subnet_stats(result.choice), "proxy_accuracy": result.score}
+        stats = search_stats(sup, result)
         sup.extract(result.choice, calib, inplace=True)
         self.supernet = None
         return stats
 
     # ------------------------------------------------------------------ search
     def run_search(self, evals: list, calib: list, *, target_macs=None, max_latency_ms=None, population=None,
-                   generations=None, seed=None, latency_inputs=None):
-        """The best choice by proxy accuracy on ``evals`` (BN recalibrated on ``calib``) under the budget."""
+                   generations=None, seed=None, latency_inputs=None, search=None):
+        """The best choice under the budget on held-out ``evals`` (BN recalibrated on ``calib``), by the
+        config's ``search`` (or ``search=``): ``"stagewise"`` or ``"chained"`` (see :class:`StageWiseConfig`)."""
         c, sup = self.config, self.supernet
         if target_macs is None and max_latency_ms is None:
             target_macs, max_latency_ms = c.target_macs, c.max_latency_ms
-        seed = c.seed if seed is None else seed
-        result = sup.search(lambda ch: sup.proxy_accuracy(ch, evals, calib), target_macs=target_macs,
-                            max_latency_ms=max_latency_ms, example_inputs=latency_inputs or self._inputs,
-                            population=population or c.population, generations=generations if generations is not None
-                            else c.generations, seed=seed)
+        result = search_subnet(sup, c, evals, calib, target_macs=target_macs, max_latency_ms=max_latency_ms,
+                               example_inputs=latency_inputs or self._inputs, population=population,
+                               generations=generations, seed=seed, search=search)
         check_same_everywhere(sup.space.removed(result.choice), "searched subnet")
         self.search_result = result
         logger.info("hf_prune: SP search: proxy accuracy %.4f at %.1f%% MACs, widths %s", result.score,
@@ -298,15 +300,18 @@ class StageWiseTrainer(Trainer):
     def search(self, target_macs: float | None = None, *, max_latency_ms: float | None = None, eval_dataset=None,
                calib_dataset=None, calib_batches: int | None = None, eval_batches: int | None = None,
                batch_size: int | None = None, population: int | None = None, generations: int | None = None,
-               seed: int | None = None, latency_inputs=None) -> nn.Module:
-        """Best subnet under the budget by proxy accuracy on held-out data; returns it extracted and compacted.
+               seed: int | None = None, latency_inputs=None, search: str | None = None) -> nn.Module:
+        """Best subnet under the budget on held-out data; returns it extracted and compacted.
 
         For callbacks with ``search_at_end=False`` (the default searches when training ends).
         ``target_macs`` (default: the config's) and/or ``max_latency_ms`` (measured on ``latency_inputs``).
-        Proxy accuracy: accuracy on ``eval_dataset`` (default: the trainer's) inside the supernet, BN
-        statistics recalibrated on ``calib_batches`` batches of ``calib_dataset`` (default: the training
-        set). :attr:`search_result` keeps the choice, widths, MACs, score and history. The supernet is
-        left untouched; the returned copy carries the method record.
+        ``search`` (default: the config's): ``"stagewise"`` scores every stage by its training loss against
+        the full net on ``eval_dataset`` and combines stages by a DP under the budget, then checks the best
+        few by chained proxy accuracy; ``"chained"`` is the evolutionary search by chained proxy accuracy
+        (``population``, ``generations``). Proxy accuracy: accuracy on ``eval_dataset`` (default: the
+        trainer's) inside the supernet, BN statistics recalibrated on ``calib_batches`` batches of
+        ``calib_dataset`` (default: the training set). :attr:`search_result` keeps the choice, widths,
+        MACs, score and history. The supernet is left untouched; the returned copy carries the method record.
         """
         cb = self.stagewise
         if cb.supernet is None:
@@ -325,12 +330,13 @@ class StageWiseTrainer(Trainer):
         calib = self._batches(calibset, self.args.per_device_train_batch_size, n, True, seed)
         result = cb.run_search(evals, calib, target_macs=target_macs, max_latency_ms=max_latency_ms,
                                population=population, generations=generations, seed=seed,
-                               latency_inputs=latency_inputs)
+                               latency_inputs=latency_inputs, search=search)
         self.search_result = result
         model = sup.extract(result.choice, calib)
-        config = cb.config.replace(target_macs=target_macs or cb.config.target_macs)
-        write_record(model, config, {**sup.subnet_stats(result.choice), "proxy_accuracy": result.score})
+        config = cb.config.replace(target_macs=target_macs or cb.config.target_macs, search=result.method)
+        write_record(model, config, search_stats(sup, result))
         return model
+
 
 
 def proxy_batches(dataset, batch_size: int = 64, limit: int | None = None) -> list:

@@ -11,6 +11,7 @@ DEFAULT_RATIOS = tuple(0.25 + 0.125 * i for i in range(7))  # 0.25, 0.375, ..., 
 SUPERVISIONS = ("stage", "logits")
 STAGE_SCHEDULES = ("parallel", "sequential")
 IMPORTANCES = ("l2", "l1")
+SEARCHES = ("stagewise", "chained")
 
 
 @dataclass
@@ -25,10 +26,14 @@ class StageWiseConfig(PruningConfig):
     models without resolution changes); ``supervision``: ``"stage"`` (each stage fed the full net's input,
     regressing its output) or ``"logits"`` (plain end-to-end KD, the baseline); ``stage_schedule``:
     ``"parallel"`` or ``"sequential"``; ``seed`` (the draw of step t depends only on seed and t);
-    ``temperature``, ``stage_weight``, ``kd_weight``, ``ce_weight`` (loss). Search: ``population``,
-    ``generations``, ``calib_batches`` (held-out batches scoring and calibrating candidates),
-    ``max_latency_ms`` (optional measured budget); ``search_at_end``: the callback searches and extracts
-    the subnet when training ends (else call ``StageWiseTrainer.search``).
+    ``temperature``, ``stage_weight``, ``kd_weight``, ``ce_weight`` (loss). Search: ``search``:
+    ``"stagewise"`` (default; each stage scored by its training loss against the full net on held-out
+    data, ``stage_candidates`` width assignments per stage, stages combined by a DP under the budget,
+    the ``final_candidates`` best combinations checked by chained accuracy; see
+    :mod:`hf_prune.methods.stagewise.stage_search`) or ``"chained"`` (evolutionary search by end-to-end
+    proxy accuracy: ``population``, ``generations``); ``calib_batches`` (held-out batches scoring and
+    calibrating candidates), ``max_latency_ms`` (optional measured budget); ``search_at_end``: the
+    callback searches and extracts the subnet when training ends (else call ``StageWiseTrainer.search``).
     """
 
     method = "stagewise"
@@ -49,6 +54,9 @@ class StageWiseConfig(PruningConfig):
     stage_weight: float = 1.0
     kd_weight: float = 1.0
     ce_weight: float = 0.0
+    search: str = "stagewise"
+    stage_candidates: int = 32
+    final_candidates: int = 4
     population: int = 16
     generations: int = 4
     calib_batches: int = 8
@@ -74,6 +82,9 @@ class StageWiseConfig(PruningConfig):
         check_number("temperature", self.temperature, positive=True)
         for name in ("stage_weight", "kd_weight", "ce_weight"):
             check_number(name, getattr(self, name), minimum=0)
+        check_choice("search", self.search, SEARCHES)
+        check_int("stage_candidates", self.stage_candidates, meaning="width assignments scored per stage")
+        check_int("final_candidates", self.final_candidates, meaning="best combinations checked by chained accuracy")
         check_int("population", self.population, minimum=2)
         check_int("generations", self.generations, minimum=0)
         check_int("calib_batches", self.calib_batches)

@@ -1,19 +1,25 @@
-"""One-shot SP without supernet training: per-group widths searched by accuracy on labelled ``calib``."""
+"""One-shot SP without supernet training: per-group widths searched on labelled ``calib``, the model itself
+being the full net that supervises the stage-wise search."""
 from __future__ import annotations
 
 from torch import nn
 
 from ...errors import ConfigError
 from .config import StageWiseConfig
+from .stage_search import search_stats, search_subnet
 from .supernet import Supernet
 
 
 def prune_stagewise(model: nn.Module, config: StageWiseConfig, *, example_inputs=None, calib=None,
                     compact: bool = True) -> dict:
-    """Search per-group widths under ``config.target_macs`` by accuracy on ``calib`` (BatchNorm recalibrated
-    per candidate) on the untrained (e.g. pretrained) supernet, then extract the best subnet in place.
+    """Search per-group widths under ``config.target_macs`` on ``calib`` on the untrained (e.g. pretrained)
+    supernet, then extract the best subnet in place.
 
-    This is the paper's search without its supernet training (use :class:`StageWiseTrainer` with
+    ``config.search="stagewise"`` (default): every stage of a subnet is scored by its output error against
+    the model itself (the full net) given the full net's stage input, stages are combined by a DP under
+    the budget and the best ``final_candidates`` are checked by accuracy on ``calib``; ``"chained"``:
+    evolutionary search by accuracy on ``calib``. BatchNorm is recalibrated per candidate. This is the
+    paper's search without its supernet training (use :class:`StageWiseTrainer` with
     :class:`StageWiseCallback` for the method itself). Without labelled ``calib`` there is nothing to
     search with, so it is refused: data-free width pruning is ``method="depgraph"``.
     Transactional: on failure the model is unchanged.
@@ -26,11 +32,12 @@ def prune_stagewise(model: nn.Module, config: StageWiseConfig, *, example_inputs
                           "method='depgraph'")
     c = config
     sup = Supernet(model, example_inputs, ratios=c.ratios, round_to=c.round_to, importance=c.importance,
-                   ignored_layers=c.ignored_layers, prune_stem=c.prune_stem, make_teacher=False)
+                   stages=c.stages if c.stages == "auto" else list(c.stages), num_stages=c.num_stages,
+                   ignored_layers=c.ignored_layers, prune_stem=c.prune_stem, teacher=model, make_teacher=False)
     target = sup.check_target(c.target_macs)
     batches = [b for _, b in zip(range(c.calib_batches), calib)]
-    result = sup.search(lambda ch: sup.proxy_accuracy(ch, batches, batches), target_macs=target,
-                        population=c.population, generations=c.generations, seed=c.seed)
+    result = search_subnet(sup, c, batches, batches, target_macs=target, max_latency_ms=c.max_latency_ms,
+                           example_inputs=example_inputs)
     saved = sup.bn_state()
     try:
         with sup.recalibrated(result.choice, batches, persist=True):
@@ -41,4 +48,4 @@ def prune_stagewise(model: nn.Module, config: StageWiseConfig, *, example_inputs
         raise
     if compact:
         sup.pruner.compact()
-    return {**sup.subnet_stats(result.choice), "proxy_accuracy": result.score}
+    return search_stats(sup, result)

@@ -45,10 +45,12 @@ from the teacher, the stages are independent problems: training them together in
 the largest subnet, the smallest, and ``num_random`` random ones; sampling is seeded from
 ``(seed, step)`` only, so every process draws the same subnets.
 
-**Search.** Evolutionary (Once-for-All style) over choices, under a MACs budget (predicted exactly by
-the graph) or a measured-latency budget, with proxy accuracy on held-out data (BN recalibrated per
-candidate) as fitness. *Departure:* the paper ranks subnets by proxy accuracy; the way candidates
-are generated (mutation / crossover, shrink-to-fit) is ours. Extraction goes through
+**Search.** By default full-net supervised (:mod:`hf_prune.methods.stagewise.stage_search`): every
+stage is scored by its own training loss against the full net on held-out data (:meth:`Supernet.score_stage`),
+stages are combined under the MACs budget (exact, from the graph) by a DP, and the few best combinations
+are checked by chained proxy accuracy. ``search="chained"`` keeps the evolutionary (Once-for-All style)
+search over choices by chained proxy accuracy (:meth:`Supernet.search`), under a MACs or a
+measured-latency budget. *Departure:* how candidates are generated is ours. Extraction goes through
 :meth:`hf_prune.engine.pruner.StructuredPruner.apply` and :func:`hf_prune.compact`.
 """
 from __future__ import annotations
@@ -294,6 +296,7 @@ class Supernet:
         self.dense_params = self.graph.params()
         self.group_stage = self._group_stages()
         self._param_members = self._members_by_param()
+        self.module_stage = self._module_stages()
 
     def _trace(self, model, example_inputs, ignored_layers, prune_stem, frozen, frozen_splits):
         """Build the pruner, with the channel labels of every stage's input and output.
@@ -341,6 +344,23 @@ class Supernet:
                      if any(self.graph.members[i].tensor.startswith(p) for p in ps)]
             out.append(min(found) if found else 0)
         return out
+
+    def _module_stages(self) -> dict:
+        """``{module name: stage}``: the stage holding the module; a module outside every stage belongs to
+        the first stage that starts after it (the stem to stage 0), or to the last stage (the head)."""
+        names = [n for n, _ in self.model.named_modules()]
+        inside = {}
+        for k, stage in enumerate(self.stages):
+            for pos, n in enumerate(names):
+                if any(n == b or n.startswith(b + ".") for b in stage.blocks):
+                    inside[n] = k
+        ends = [max(pos for pos, n in enumerate(names) if inside.get(n) == k) for k in range(len(self.stages))]
+        last = len(self.stages) - 1
+        return {n: inside[n] if n in inside else min(last, sum(e < pos for e in ends)) for pos, n in enumerate(names)}
+
+    def plane_roots(self, key) -> torch.Tensor | None:
+        """Unit roots of the channels of a stage's input (``("in", k)``) or output (``("out", k)``)."""
+        return self._planes.get(key)
 
     def _members_by_param(self) -> dict:
         by = {}
@@ -460,9 +480,106 @@ class Supernet:
         if self.teacher is None:
             raise PruningError("this supernet has no teacher; build it with teacher= (the unpruned full net)")
         feats: dict = {}
-        with torch.no_grad(), self._stage_hooks(self.teacher, feats, None):
+        with torch.no_grad(), eval_mode(self.teacher), self._stage_hooks(self.teacher, feats, None):
             logits = logits_of(call_model(self.teacher, inputs))
         return feats, logits
+
+    # ------------------------------------------------------------------ per-stage scores (the search's objective)
+    def stage_error(self, k: int, keep: torch.Tensor, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        """Stage ``k``'s training loss term: relative MSE to the full net's stage output over the kept channels."""
+        m = self.channel_mask(("out", k), keep, teacher)
+        if m is not None:
+            student, teacher = student * m, teacher * m
+        return (student - teacher).pow(2).mean() / teacher.pow(2).mean().clamp_min(1e-12)
+
+    def _is_last(self, k: int) -> bool:
+        return k == len(self.stages) - 1
+
+    def teacher_stage(self, inputs, k: int) -> tuple:
+        """(input, output, logits) of the full net's stage ``k``; logits only for the last stage (the
+        forward stops after stage ``k`` otherwise)."""
+        if self.teacher is None:
+            raise PruningError("this supernet has no teacher; build it with teacher= (the unpruned full net)")
+        feats: dict = {}
+        hook = _StageOutput(stop=not self._is_last(k))
+        logits = None
+        with torch.no_grad(), eval_mode(self.teacher), self._stage_hooks(self.teacher, feats, None):
+            handle = self.teacher.get_submodule(self.stages[k].last).register_forward_hook(hook)
+            try:
+                logits = logits_of(call_model(self.teacher, inputs))
+            except _StageDone:
+                pass
+            finally:
+                handle.remove()
+        return feats[("in", k)], hook.out, logits
+
+    def stage_forward(self, keep: torch.Tensor, inputs, k: int, stage_input: torch.Tensor | None) -> tuple:
+        """(output, logits) of stage ``k`` of the subnet ``keep`` fed the full net's input of stage ``k``
+        (masked to the subnet's channels; stage 0 gets the subnet's own stem output), as in training.
+        Nothing after stage ``k`` runs, except for the last stage, whose logits the head computes."""
+        inject = None
+        if k > 0:
+            m = self.channel_mask(("in", k), keep, stage_input)
+            inject = {k: stage_input if m is None else stage_input * m}
+        hook = _StageOutput(stop=not self._is_last(k))
+        handle = self.model.get_submodule(self.stages[k].last).register_forward_hook(hook)
+        logits = None
+        try:
+            logits = logits_of(self.forward(keep, inputs, inject=inject))
+        except _StageDone:
+            pass
+        finally:
+            handle.remove()
+        return hook.out, logits
+
+    def stage_loss(self, k: int, keep: torch.Tensor, inputs, teacher: tuple, *, temperature: float = 1.0,
+                   stage_weight: float = 1.0, kd_weight: float = 1.0) -> torch.Tensor:
+        """What training minimises for stage ``k`` (:meth:`subnet_loss` with ``stages=[k]``): the weighted
+        stage error, plus KD from the full net's logits for the last stage. ``teacher``: :meth:`teacher_stage`."""
+        x_in, t_out, t_logits = teacher
+        s_out, s_logits = self.stage_forward(keep, inputs, k, x_in)
+        loss = stage_weight * self.stage_error(k, keep, s_out, t_out)
+        if self._is_last(k):
+            loss = loss + kd_weight * kd_loss(s_logits, t_logits, temperature)
+        return loss
+
+    def stage_batchnorms(self, k: int) -> list:
+        """BatchNorms whose statistics stage ``k``'s score depends on (those of its modules: :attr:`module_stage`)."""
+        owned = {id(m) for n, m in self.model.named_modules() if self.module_stage.get(n) == k}
+        return [m for m in self._batchnorms() if id(m) in owned]
+
+    @torch.no_grad()
+    def score_stage(self, k: int, choices, batches, calib_batches=None, *, temperature: float = 1.0,
+                    stage_weight: float = 1.0, kd_weight: float = 1.0) -> list:
+        """Mean :meth:`stage_loss` of stage ``k`` over ``batches`` for each of ``choices`` (eval mode).
+
+        The full net's stage input and output are computed once per batch. With ``calib_batches``, the
+        BatchNorms of stage ``k`` are recalibrated for each choice first (fed the full net's input of the
+        stage, as in training) and put back afterwards. Only the groups acting in stage ``k`` matter.
+        """
+        evals = [(inputs, self.teacher_stage(inputs, k)) for inputs in (split_batch(b)[0] for b in batches)]
+        bns = self.stage_batchnorms(k)
+        calib = [(inputs, self.teacher_stage(inputs, k)[0]) for inputs in
+                 (split_batch(b)[0] for b in (calib_batches or []))] if bns else []
+        saved = self.bn_state()
+        weights = {"temperature": temperature, "stage_weight": stage_weight, "kd_weight": kd_weight}
+        scores = []
+        try:
+            with eval_mode(self.model):
+                for choice in choices:
+                    keep = self.space.keep(self.space.validate(choice))
+                    if calib:
+                        recalibrate_batchnorm(self.model, bns, calib,
+                                              lambda item: self.stage_forward(keep, item[0], k, item[1]))
+                    total = sum(float(self.stage_loss(k, keep, inputs, t, **weights)) for inputs, t in evals)
+                    scores.append(total / max(len(evals), 1))
+        finally:
+            self.load_bn_state(saved)
+        return scores
+
+    def stage_scores(self, choice, batches, calib_batches=None, **weights) -> list:
+        """:meth:`score_stage` of every stage for one subnet; their sum is the stage-wise search's objective."""
+        return [self.score_stage(k, [choice], batches, calib_batches, **weights)[0] for k in range(len(self.stages))]
 
     # ------------------------------------------------------------------ losses
     def subnet_loss(self, choice, inputs, *, module=None, teacher=None, supervision="stage", stages=None,
@@ -491,11 +608,7 @@ class Supernet:
         loss = s_logits.new_zeros(())
         if supervision == "stage":
             for k in stages:
-                s, t = capture[("out", k)], feats[("out", k)]
-                m = self.channel_mask(("out", k), keep, t)
-                if m is not None:
-                    s, t = s * m, t * m
-                loss = loss + stage_weight * (s - t).pow(2).mean() / t.pow(2).mean().clamp_min(1e-12)
+                loss = loss + stage_weight * self.stage_error(k, keep, capture[("out", k)], feats[("out", k)])
         if supervision == "logits" or (len(self.stages) - 1) in stages:
             loss = loss + kd_weight * kd_loss(s_logits, t_logits, temperature)
         return loss, s_logits
@@ -636,11 +749,28 @@ class Supernet:
                 self.pruner.removed = removed_before
                 raise
         else:
-            with self.recalibrated(choice, calib_batches):
-                pruner = _copy_pruner(self.pruner, self.teacher)
+            with self.recalibrated(choice, calib_batches):  # (a one-shot supernet is its own teacher: copy it)
+                pruner = _copy_pruner(self.pruner, None if self.teacher is self.model else self.teacher)
             pruner.apply(removed)
             model = pruner.compact().eval()  # a fresh model, like from_pretrained gives
         return model
+
+
+class _StageDone(Exception):
+    """Raised by :class:`_StageOutput` to skip the rest of a forward once a stage's output is known."""
+
+
+class _StageOutput:
+    """Forward hook on a stage's last block: keep its output, then (``stop``) end the forward there."""
+
+    def __init__(self, stop: bool):
+        self.stop = stop
+        self.out = None
+
+    def __call__(self, _module, _args, out):
+        self.out = first_tensor(out)
+        if self.stop:
+            raise _StageDone
 
 
 class _Inject:
@@ -673,13 +803,20 @@ def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1
 
 @dataclass
 class SearchResult:
+    """A searched subnet. ``score``: its chained proxy accuracy. ``method``: ``"chained"`` (evolutionary,
+    ``history`` = (generation, best score, best choice)) or ``"stagewise"`` (per-stage scores and DP,
+    ``history`` = (index, chained accuracy, choice, objective) of every combination checked at the end;
+    ``objective``: the chosen subnet's summed stage losses)."""
+
     choice: tuple
     score: float
     widths: list
     macs: int
     macs_ratio: float
-    history: list = field(default_factory=list)  # (generation, best score, best choice)
+    history: list = field(default_factory=list)
     latency_ms: float | None = None
+    objective: float | None = None
+    method: str = "chained"
 
 
 def _shrink_to_fit(space: WidthSpace, choice, feasible, generator) -> tuple | None:
