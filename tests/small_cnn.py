@@ -28,14 +28,14 @@ class SmallCNN(nn.Module):
         super().__init__()
         self.stem = nn.Conv2d(3, 16, 3, padding=1, bias=False)
         self.bn = nn.BatchNorm2d(16)
-        self.b1, self.b2 = Block(16, 48), Block(16, 48)
+        self.blocks = nn.Sequential(Block(16, 48), Block(16, 48))
         self.conv = nn.Conv2d(16, 32, 3, stride=2, padding=1)
         self.bnc = nn.BatchNorm2d(32)
         self.fc = nn.Linear(32, 10)
 
     def forward(self, x):
         x = torch.relu(self.bn(self.stem(x)))
-        x = torch.relu(self.bnc(self.conv(self.b2(self.b1(x)))))
+        x = torch.relu(self.bnc(self.conv(self.blocks(x))))
         return self.fc(x.mean((2, 3)))
 
 

@@ -39,14 +39,14 @@ def _agreement(model, dense, x) -> float:
     return float((_logits(model, x).argmax(-1) == _logits(dense, x).argmax(-1)).float().mean())
 
 
-@pytest.mark.parametrize("bn", [None, "correct", "recalibrate"])
+@pytest.mark.parametrize("bn", [None, "mean", "moments", "recalibrate"])
 def test_cnn_reconstruction_lowers_error(bn):
     dense, train, val = trained_cnn()
     model = copy.deepcopy(dense)
     _, keep = _prune(model, val.pixel_values[:2], target=0.6)
     plain, plain_agreement = _rel(model, dense, val.pixel_values), _agreement(model, dense, val.pixel_values)
     stats = reconstruct(model, dense, train.pixel_values[:192], keep=keep, bn=bn, progress=False)
-    assert {"b1.pwl", "b2.pwl"} <= set(stats["layers"]) == set(consumer_layers(model, dense))
+    assert {"blocks.0.pwl", "blocks.1.pwl"} <= set(stats["layers"]) == set(consumer_layers(model, dense))
     assert not any(name.endswith(".dw") for name in stats["layers"])  # lost whole channels: nothing to re-fit
     for name, s in stats["layers"].items():
         assert s["after"] < s["before"], name
@@ -54,8 +54,8 @@ def test_cnn_reconstruction_lowers_error(bn):
     assert _agreement(model, dense, val.pixel_values) > plain_agreement + 0.4
     if bn != "recalibrate":  # statistics of 192 digits replace the training set's: a worse fit of the logits
         assert _rel(model, dense, val.pixel_values) < 0.45 * plain
-    if bn == "correct":  # reads the depthwise conv (no re-fit): corrected from its measured moments
-        assert "b2.bn2" in stats["batchnorms"]
+    if bn in ("mean", "moments"):  # reads the depthwise conv (no re-fit): corrected from its measured moments
+        assert "blocks.1.bn2" in stats["batchnorms"]
 
 
 def test_vit_reconstruction_lowers_error():
@@ -93,22 +93,45 @@ def test_nothing_removed_changes_nothing():
 def test_removing_exactly_zero_units_changes_nothing(layers):
     dense, train, val = trained_cnn()
     zero = torch.tensor([1, 5, 9, 20, 33])
-    with torch.no_grad():  # these expansion channels of b1 now carry exact zeros everywhere
-        dense.b1.pw.weight[zero] = 0
-        for bn in (dense.b1.bn1, dense.b1.bn2):
+    with torch.no_grad():  # these expansion channels of blocks.0 now carry exact zeros everywhere
+        dense.blocks[0].pw.weight[zero] = 0
+        for bn in (dense.blocks[0].bn1, dense.blocks[0].bn2):
             bn.weight[zero] = 0
             bn.bias[zero] = 0
     model = copy.deepcopy(dense)
     probe = StructuredPruner(copy.deepcopy(dense), val.pixel_values[:2], round_to=None)
-    member = next(m for m in probe.graph.members if m.tensor == "b1.pw.weight" and m.dim == 0)
+    member = next(m for m in probe.graph.members if m.tensor == "blocks.0.pw.weight" and m.dim == 0)
     _, keep = _prune(model, val.pixel_values[:2], removed=member.units[zero])
-    assert model.b1.pwl.in_channels == 48 - zero.numel()
+    assert model.blocks[0].pwl.in_channels == 48 - zero.numel()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     stats = reconstruct(model, dense, train.pixel_values[:128], keep=keep, layers=layers, progress=False)
-    assert "b1.pwl" in stats["layers"] and stats["layers"]["b1.pwl"]["before"] < 1e-6
+    assert "blocks.0.pwl" in stats["layers"] and stats["layers"]["blocks.0.pwl"]["before"] < 1e-6
     for k, v in model.state_dict().items():
         torch.testing.assert_close(v, before[k], rtol=1e-5, atol=1e-6, msg=k)
     torch.testing.assert_close(_logits(model, val.pixel_values), _logits(dense, val.pixel_values), rtol=1e-4, atol=1e-5)
+
+
+class _Chain(torch.nn.Sequential):
+    def forward(self, x):  # what nn.Sequential computes, in a forward of its own: no cached inputs
+        for module in self:
+            x = module(x)
+        return x
+
+
+def test_cached_sequential_inputs_give_the_same_fit_as_full_passes():
+    dense, train, val = trained_cnn()
+    cached = copy.deepcopy(dense)
+    _, keep = _prune(cached, val.pixel_values[:2], target=0.6)
+    full, full_dense = copy.deepcopy(cached), copy.deepcopy(dense)
+    full.blocks.__class__ = full_dense.blocks.__class__ = _Chain
+    calib = train.pixel_values[:96]
+    for model, reference in ((cached, dense), (full, full_dense)):  # BN sites run through the cache too
+        reconstruct(model, reference, calib, keep=keep, bn="moments", progress=False)
+    changed = 0
+    for (name, a), b, c in zip(cached.state_dict().items(), full.state_dict().values(), dense.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=name)
+        changed += a.shape != c.shape or not torch.equal(a, c)
+    assert changed > 10
 
 
 def test_outputs_pruned_without_keep_is_an_error():
@@ -152,13 +175,13 @@ def test_bad_settings_are_refused():
 def test_activation_importance_sees_dead_channels():
     dense, train, val = trained_cnn()
     dead = 7
-    with torch.no_grad():  # channel 7 of b1's expansion never fires, yet its weights are the largest
-        dense.b1.bn2.weight[dead] = 0.0
-        dense.b1.bn2.bias[dead] = -1.0
-        dense.b1.pwl.weight[:, dead] *= 50
-        dense.b1.pw.weight[dead] *= 50
+    with torch.no_grad():  # channel 7 of blocks.0's expansion never fires, yet its weights are the largest
+        dense.blocks[0].bn2.weight[dead] = 0.0
+        dense.blocks[0].bn2.bias[dead] = -1.0
+        dense.blocks[0].pwl.weight[:, dead] *= 50
+        dense.blocks[0].pw.weight[dead] *= 50
     pruner = StructuredPruner(dense, val.pixel_values[:2], round_to=None)
-    member = next(m for m in pruner.graph.members if m.tensor == "b1.pwl.weight" and m.dim == 1)
+    member = next(m for m in pruner.graph.members if m.tensor == "blocks.0.pwl.weight" and m.dim == 1)
     act = unit_scores(pruner.graph, "activation", calib=train.pixel_values[:128])[member.units]
     l2 = unit_scores(pruner.graph, "l2")[member.units]
     assert int(act.argmin()) == dead and float(act[dead]) < 1e-6 * float(act.mean())

@@ -18,20 +18,35 @@ found by path; which outputs a pruned layer kept comes from the dependency graph
   A depthwise conv (or a grouped conv that lost whole groups) lost whole channels, not inputs: it has
   nothing to re-fit (``layers="all"`` re-fits every Conv/Linear after the first change anyway, to
   counter the drift of its inputs).
-* **BatchNorm** statistics downstream of the first change (``bn=``): ``"correct"`` (default) keeps
-  the dense running statistics and moves each BN's mean and variance by how much its input in the
-  pruned model differs from the dense model on the calibration batches (the BN then maps pruned
-  inputs where the dense BN mapped dense inputs; with no difference it is unchanged);
-  ``"recalibrate"`` re-estimates them from the calibration batches alone
-  (:func:`hf_prune.core.execution.recalibrate_batchnorm`), which replaces statistics estimated on the
-  training set by ones from a few images; ``None`` leaves them. A BN that reads a re-fitted layer's
-  output is corrected from that layer's accumulated moments, without a pass of its own.
+* A layer without bias whose output goes straight into a BatchNorm is fitted with an intercept too,
+  which the BN absorbs exactly (BN(Wx + b) with running mean m is BN(Wx) with mean m − b). Such a BN
+  then sees what the dense BN saw, up to the fit's residual; its variance is deliberately left alone:
+  a least-squares fit predicts E[y | x], whose variance is smaller than y's by the residual, and
+  re-standardising would amplify the residual instead of the signal.
+* **BatchNorm** statistics of the other BNs downstream of the first change (``bn=``): ``"correct"``
+  (default) keeps the dense running statistics and moves each BN's mean and variance by how much its
+  input in the pruned model differs from the dense model's on the calibration batches, in forward
+  order (the BN then maps pruned inputs where the dense BN mapped dense inputs; with no difference it
+  is unchanged); ``"recalibrate"`` re-estimates every BN after the first change from the calibration
+  batches alone (:func:`hf_prune.core.execution.recalibrate_batchnorm`), which replaces statistics
+  estimated on the training set by ones from a few images; ``None`` leaves them. With ``layers=[]``
+  only the BN step runs: after weight pruning, whose layers keep their shapes, it starts at the first
+  layer whose weights differ from the dense model's.
 
-Memory: per layer only ``X^T X``, ``X^T Y`` and moment sums (float64) are kept, accumulated over
-batches; convs go through ``unfold`` on chunks of images with at most ``max_rows`` sampled output
-positions per batch, grouped convs are solved per group. Cost: one pass over the calibration batches
-per re-fitted layer and per corrected BN that does not read a re-fitted layer, each pass stopping at
-that layer (dense and pruned model).
+Cost: the dense model's side of every site (outputs on sampled rows, BN input moments) comes from as
+few dense passes as ``cache_mb`` allows. The pruned side needs the inputs of each site with every
+earlier site already re-fitted: a site inside a child of a plain ``nn.Sequential`` (timm's stages and
+blocks) runs only that child from its cached input, so each block runs about once per site inside it
+instead of the whole prefix; elsewhere (ModuleLists, custom forwards) the model runs from its inputs,
+stopping at the site. Memory: per layer only ``X^T X``, ``X^T Y`` and moment sums (float64), convs
+through ``unfold`` on chunks of images with at most ``max_rows`` sampled rows per batch, grouped
+convs solved per group.
+
+Other methods: SP extracts a subnet through the same engine, so the same call applies (keep from its
+graph and removed units). UPDP's merge needs none: it is an exact re-parameterisation of blocks whose
+activations were annealed to identity during training (its one-shot variant removes the activations
+at once and recalibrates BNs; re-fitting a merged block against the dense block it replaced would need
+a block-to-block correspondence this module does not have).
 
 Exact where it should be: a layer whose inputs lost nothing, or only channels that are exactly zero,
 has ``Y = X W0^T`` and keeps ``W0``; with nothing removed, nothing is re-fitted or corrected. A layer
@@ -57,7 +72,7 @@ from ..errors import PruningError
 __all__ = ["reconstruct", "kept_indices", "consumer_layers", "BN_MODES"]
 
 LAYER_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d)
-BN_MODES = ("correct", "recalibrate", None)
+BN_MODES = ("mean", "moments", "recalibrate", None)
 _SELF_CHECK_TOL = 1e-3  # relative; float32 convs agree to ~1e-6, a different computation does not
 _UNFOLD_ELEMENTS = 1 << 24  # images are unfolded in chunks of at most this many elements
 
@@ -225,65 +240,156 @@ class _Stop(Exception):
     """Raised by a capture hook once it has what it needs: the rest of the forward is skipped."""
 
 
-@torch.no_grad()
-def _capture(model: nn.Module, module: nn.Module, inputs, calls: int, output: bool) -> list:
-    """(input, output) of the first ``calls`` calls of ``module`` when ``model`` runs on ``inputs``."""
-    got = []
+class _Order:
+    """What one dense forward pass tells: layers and BNs in order of first call, call counts, when each
+    module starts and ends (event counters), and for each BN the layer whose output it reads directly."""
 
-    def hook(mod, args, out):
-        got.append((args[0].detach(), out.detach() if output else None))
-        if len(got) == calls:
-            raise _Stop
+    @torch.no_grad()
+    def __init__(self, model: nn.Module, inputs):
+        names = {m: n for n, m in model.named_modules()}
+        self.order: list[str] = []
+        self.calls: dict[str, int] = {}
+        self.start: dict[str, int] = {}
+        self.end: dict[str, int] = {}
+        self.feeds: dict[str, str] = {}
+        last: list = [None, None]  # the latest Conv/Linear output and its name
+        clock = [0]
 
-    handle = module.register_forward_hook(hook)
-    try:
-        call_model(model, inputs)
-    except _Stop:
-        pass
-    finally:
-        handle.remove()
-    if len(got) < calls:
-        raise PruningError(f"reconstruct: module '{_name(model, module)}' ran {len(got)} times on a calibration "
-                           f"batch, expected {calls}; the dense and pruned models must run the same layers")
-    return got
+        def pre(mod, args):
+            n = names[mod]
+            clock[0] += 1
+            self.start.setdefault(n, clock[0])
+            if _is_bn(mod) and n not in self.calls and args and args[0] is last[0]:
+                self.feeds[n] = last[1]
+
+        def post(mod, args, out):
+            n = names[mod]
+            clock[0] += 1
+            self.end[n] = clock[0]
+            if n not in self.calls and (isinstance(mod, LAYER_TYPES) or _is_bn(mod)):
+                self.order.append(n)
+            self.calls[n] = self.calls.get(n, 0) + 1
+            if isinstance(mod, LAYER_TYPES):
+                last[:] = [out, n]
+
+        handles = [m.register_forward_pre_hook(pre) for m in names] + [m.register_forward_hook(post) for m in names]
+        try:
+            call_model(model, inputs)
+        finally:
+            for h in handles:
+                h.remove()
+
+
+def _head(inputs, n: int):
+    """The first ``n`` samples of a batch (tensor, tuple or mapping of tensors)."""
+    if isinstance(inputs, torch.Tensor):
+        return inputs[:n] if inputs.dim() else inputs
+    if isinstance(inputs, dict):
+        return {k: _head(v, n) for k, v in inputs.items()}
+    if isinstance(inputs, (tuple, list)):
+        return type(inputs)(_head(v, n) for v in inputs)
+    return inputs
+
+
+def _plain_sequential(module: nn.Module) -> bool:
+    return isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward
+
+
+class _Runner:
+    """Runs the pruned model up to a site on every calibration batch, as cheaply as it can.
+
+    A site inside a child of a plain ``nn.Sequential`` (called once per forward) is reached by running
+    that child from its cached input instead of the whole model from the start: the input of a child
+    is the output of the child before it, or the input of the Sequential itself. Inputs computed before
+    a re-fit stay valid for every module that starts before the re-fitted layer and are dropped for
+    the others; inputs of modules that ended before the current site are no longer needed. Elsewhere
+    (ModuleLists, custom forwards) the model is run from its inputs, stopping at the site.
+    """
+
+    def __init__(self, model: nn.Module, batches: list, order: _Order):
+        self.model, self.batches, self.o = model, batches, order
+        self.chain: dict[str, tuple[str, int, list]] = {}  # child path -> (Sequential, index, sibling paths)
+        for name, m in model.named_modules():
+            if _plain_sequential(m) and order.calls.get(name) == 1:
+                kids = [f"{name}.{c}" if name else c for c, _ in m.named_children()]
+                for i, k in enumerate(kids):
+                    if order.calls.get(k) == 1:
+                        self.chain[k] = (name, i, kids)
+        self.inputs: dict[str, list] = {}  # module path -> per-batch input (None until computed)
+
+    def _entry(self, site: str) -> str | None:
+        """The innermost ancestor-or-self of ``site`` whose input can be cached (a Sequential's child)."""
+        parts = site.split(".")
+        for k in range(len(parts), 0, -1):
+            path = ".".join(parts[:k])
+            if path in self.chain:
+                return path
+        return None
+
+    def _input(self, path: str, b: int):
+        cached = self.inputs.setdefault(path, [None] * len(self.batches))
+        if cached[b] is None:
+            seq, i, kids = self.chain[path]
+            if i > 0:
+                prev = self.model.get_submodule(kids[i - 1])
+                cached[b] = prev(self._input(kids[i - 1], b))
+            elif seq in self.chain:
+                cached[b] = self._input(seq, b)
+            else:
+                cached[b] = self._run(self.model.get_submodule(seq), b, output=False, stop_calls=1, before=True)[0][0]
+        return cached[b]
+
+    def _run(self, module: nn.Module, b: int, *, output: bool, stop_calls: int, start: str | None = None,
+             before: bool = False) -> list:
+        """(input, output) of the first ``stop_calls`` calls of ``module`` (only inputs and without running
+        it when ``before``), running from ``start``'s cached input when given, else the whole model."""
+        x = self._input(start, b) if start is not None else None  # before any hook of this run is set
+        got = []
+
+        def hook(mod, args, out=None):
+            got.append((args[0].detach(), out.detach() if output else None))
+            if len(got) == stop_calls:
+                raise _Stop
+
+        handle = module.register_forward_pre_hook(hook) if before else module.register_forward_hook(hook)
+        try:
+            if start is not None:
+                self.model.get_submodule(start)(x)
+            else:
+                call_model(self.model, self.batches[b])
+        except _Stop:
+            pass
+        finally:
+            handle.remove()
+        if len(got) < stop_calls:
+            raise PruningError(f"reconstruct: module '{_name(self.model, module)}' ran {len(got)} times on a "
+                               f"calibration batch, expected {stop_calls}; the dense and pruned models must run "
+                               "the same layers")
+        return got
+
+    @torch.no_grad()
+    def capture(self, site: str, b: int, output: bool) -> list:
+        """(input, output) of every call of ``site`` on batch ``b``."""
+        if b == 0:
+            self._evict(site)
+        calls = self.o.calls[site]
+        entry = self._entry(site) if calls == 1 else None
+        return self._run(self.model.get_submodule(site), b, output=output, stop_calls=calls, start=entry)
+
+    def _evict(self, site: str) -> None:
+        now = self.o.start[site]
+        for path in [p for p in self.inputs if self.o.end[p] < now]:
+            del self.inputs[path]
+
+    def changed(self, site: str) -> None:
+        """``site`` was re-fitted or corrected: inputs of modules starting after it are stale."""
+        now = self.o.start[site]
+        for path in [p for p in self.inputs if self.o.start[p] > now]:
+            del self.inputs[path]
 
 
 def _name(model: nn.Module, module: nn.Module) -> str:
     return next((n for n, m in model.named_modules() if m is module), type(module).__name__)
-
-
-@torch.no_grad()
-def _forward_order(model: nn.Module, inputs) -> tuple[list[str], dict[str, int], dict[str, str]]:
-    """Layers and BatchNorms in order of first call, their call counts, and for each BN the layer
-    whose output it reads directly (when it does)."""
-    names = {m: n for n, m in model.named_modules() if isinstance(m, LAYER_TYPES + (nn.modules.batchnorm._BatchNorm,))}
-    order: list[str] = []
-    calls: dict[str, int] = {}
-    last_out: dict[str, torch.Tensor] = {}
-    feeds: dict[str, str] = {}
-
-    def pre(mod, args):
-        n = names[mod]
-        if isinstance(mod, nn.modules.batchnorm._BatchNorm) and n not in calls:
-            feeds_from = [ln for ln, t in last_out.items() if args and args[0] is t]
-            if feeds_from:
-                feeds[n] = feeds_from[0]
-
-    def post(mod, args, out):
-        n = names[mod]
-        if n not in calls:
-            order.append(n)
-        calls[n] = calls.get(n, 0) + 1
-        if isinstance(mod, LAYER_TYPES):
-            last_out[n] = out
-
-    handles = [m.register_forward_pre_hook(pre) for m in names] + [m.register_forward_hook(post) for m in names]
-    try:
-        call_model(model, inputs)
-    finally:
-        for h in handles:
-            h.remove()
-    return order, calls, feeds
 
 
 def _batches(calib, max_batches: int | None, device) -> list:
@@ -331,9 +437,11 @@ def _bn_channels(name: str, dense_bn, pruned_bn, keep) -> torch.Tensor | None:
 
 
 def _channel_moments(x: torch.Tensor) -> torch.Tensor:
-    """Per channel (dim 1): [sum of x, sum of x^2, count]."""
-    x = x.double().transpose(0, 1).reshape(x.shape[1], -1)
-    return torch.stack([x.sum(1), x.square().sum(1), torch.full_like(x[:, 0], x.shape[1])])
+    """Per channel (dim 1): [sum of x, sum of x^2, count], accumulated in float64."""
+    dims = [d for d in range(x.dim()) if d != 1]
+    total = x.sum(dims, dtype=torch.float64)
+    squares = torch.linalg.vector_norm(x, 2, dims, dtype=torch.float64).square()
+    return torch.stack([total, squares, torch.full_like(total, x.numel() // x.shape[1])])
 
 
 class _DenseTargets:
@@ -417,7 +525,7 @@ class _DenseTargets:
 # ----------------------------------------------------------------------------------------- sites
 
 
-def _fit_layer(name, pruned, batches, targets, ridge, fold_into=None):
+def _fit_layer(name, pruned, runner, targets, ridge, fold_into=None):
     """Accumulate, solve and write one layer; returns (normal equations, old and new (G, O/G, D) weights),
     or None when the layer does not compute the plain map of its weights.
 
@@ -432,9 +540,8 @@ def _fit_layer(name, pruned, batches, targets, ridge, fold_into=None):
     w0 = _weight(pm, intercept)
     normal = _Normal.empty(w0, model_device(pruned))
     dense_side = targets.get(name)
-    for b, inputs in enumerate(batches):
-        seen = _capture(pruned, pm, inputs, len(dense_side[b]), output=b == 0)
-        for (rows, Y), (x_p, y_p) in zip(dense_side[b], seen):
+    for b in range(len(dense_side)):
+        for (rows, Y), (x_p, y_p) in zip(dense_side[b], runner.capture(name, b, output=b == 0)):
             X = _in_rows(pm, x_p, rows)
             if b == 0 and not _self_check(X, _out_rows(pm, y_p), rows, w0, intercept):
                 warnings.warn(f"reconstruct: '{name}' ({type(pm).__name__}) does not compute the plain "
@@ -466,41 +573,45 @@ def _self_check(X, y_rows, rows, w0, intercept) -> bool:
 
 
 @torch.no_grad()
-def _correct_bn(bn: nn.Module, mean_d, sq_d, mean_p, sq_p) -> None:
+def _correct_bn(bn: nn.Module, mean_d, sq_d, mean_p, sq_p, variance: bool) -> None:
     """Move ``bn``'s running statistics so that it maps the pruned inputs where it mapped the dense ones.
 
-    With x_p ~ μ_p + (σ_p/σ_d)(x_d − μ_d) per channel, (x_p − m')/s' = (x_d − m)/s holds for
-    s' = s·σ_p/σ_d and m' = μ_p − (μ_d − m)·σ_p/σ_d, where s² = running_var + eps.
+    Mean only: m' = m + μ_p − μ_d. With the variance too, assuming x_p ~ μ_p + (σ_p/σ_d)(x_d − μ_d)
+    per channel, (x_p − m')/s' = (x_d − m)/s holds for s' = s·σ_p/σ_d and m' = μ_p − (μ_d − m)·σ_p/σ_d,
+    where s² = running_var + eps.
     """
+    m, v = bn.running_mean.double(), bn.running_var.double()
+    if not variance:
+        bn.running_mean.copy_((m + mean_p - mean_d).to(bn.running_mean.dtype))
+        return
     var_d = (sq_d - mean_d.square()).clamp_min(0)
     var_p = (sq_p - mean_p.square()).clamp_min(0)
     live = var_d > 1e-12 * var_d.max().clamp_min(1e-30)
     ratio = torch.where(live, (var_p / var_d.clamp_min(1e-30)).sqrt(), torch.ones_like(var_d))
-    m, v = bn.running_mean.double(), bn.running_var.double()
     new_m = mean_p - (mean_d - m) * ratio
     new_v = ((v + bn.eps) * ratio.square() - bn.eps).clamp_min(0)
     bn.running_mean.copy_(new_m.to(bn.running_mean.dtype))
     bn.running_var.copy_(new_v.to(bn.running_var.dtype))
 
 
-def _measure_bn(name, pruned, batches, targets):
+def _measure_bn(name, pruned, runner, targets, variance: bool):
     """Correct BN ``name`` from its input moments in both models over the calibration batches."""
     pm = pruned.get_submodule(name)
     dense_side = targets.get(name)
     acc_d = acc_p = 0
-    for b, inputs in enumerate(batches):
-        for moments, (x_p, _) in zip(dense_side[b], _capture(pruned, pm, inputs, len(dense_side[b]), False)):
+    for b in range(len(dense_side)):
+        for moments, (x_p, _) in zip(dense_side[b], runner.capture(name, b, output=False)):
             acc_d = acc_d + moments
             acc_p = acc_p + _channel_moments(x_p)
     n = acc_d[2]
-    _correct_bn(pm, acc_d[0] / n, acc_d[1] / n, acc_p[0] / n, acc_p[1] / n)
+    _correct_bn(pm, acc_d[0] / n, acc_d[1] / n, acc_p[0] / n, acc_p[1] / n, variance)
 
 
 # ----------------------------------------------------------------------------------------- entry point
 
 
 def reconstruct(pruned: nn.Module, dense: nn.Module, calib, *, keep: dict | None = None, layers="consumers",
-                ridge: float = 1e-3, bn: str | None = "correct", max_batches: int | None = 8,
+                ridge: float = 1e-3, bn: str | None = "mean", max_batches: int | None = 8,
                 max_rows: int = 8192, cache_mb: float = 1024, seed: int = 0, progress: bool = True) -> dict:
     """Re-fit ``pruned`` (compacted, in place) towards ``dense`` on calibration batches; returns stats.
 
@@ -514,8 +625,8 @@ def reconstruct(pruned: nn.Module, dense: nn.Module, calib, *, keep: dict | None
     positions) sampled per batch and layer. cache_mb: memory for the dense model's targets; fewer MB
     mean more dense passes. Both models run in eval mode and keep their modes.
 
-    Returns ``{"layers": {path: {"before": e0, "after": e1}}, "batchnorms": [paths], "passes": n,
-    "seconds": t}`` with e = ||X W^T − Y|| / ||Y|| over the calibration rows (before: with the pruned
+    Returns ``{"layers": {path: {"before": e0, "after": e1}}, "batchnorms": [paths], "sites": n,
+    "dense_passes": n, "seconds": t}`` with e = ||X W^T − Y|| / ||Y|| over the calibration rows (before: with the pruned
     weights). On any error (or an interrupt) the pruned model is restored and the error raised.
     """
     ridge = check_number("ridge", ridge, positive=True, meaning="ridge strength relative to mean(diag(X^T X))")
@@ -527,9 +638,10 @@ def reconstruct(pruned: nn.Module, dense: nn.Module, calib, *, keep: dict | None
     started = time.perf_counter()
     batches = _batches(calib, max_batches, model_device(pruned))
     with eval_mode(dense):
-        order, calls, feeds = _forward_order(dense, to_device(batches[0], model_device(dense)))
+        o = _Order(dense, to_device(_head(batches[0], 2), model_device(dense)))
+    order = o.order
     fit = _layers_to_fit(pruned, dense, order, layers)
-    stats = {"layers": {}, "batchnorms": [], "passes": 0, "seconds": 0.0}
+    stats = {"layers": {}, "batchnorms": [], "sites": 0, "dense_passes": 0, "seconds": 0.0}
     first = min(order.index(n) for n in fit) if fit else _first_change(pruned, dense, order)
     if first is None or (not fit and bn is None):
         stats["seconds"] = time.perf_counter() - started
@@ -538,13 +650,12 @@ def reconstruct(pruned: nn.Module, dense: nn.Module, calib, *, keep: dict | None
     saved = {n: t.detach().clone() for n, t in _touched(pruned, fit, bns)}
     try:
         with eval_mode(dense), eval_mode(pruned):
-            _sweep(pruned, dense, batches, order, calls, feeds, fit, bns, bn == "correct", keep,
-                   ridge, max_rows, cache_mb * 2 ** 20, seed, progress, stats)
+            _sweep(pruned, dense, batches, o, fit, bns, bn if bn in ("mean", "moments") else None, keep, ridge, max_rows, cache_mb * 2 ** 20,
+                   seed, progress, stats)
         if bn == "recalibrate":
             bn_modules = [pruned.get_submodule(n) for n in bns]
             recalibrate_batchnorm(pruned, bn_modules, batches, lambda x: call_model(pruned, x))
             stats["batchnorms"] = bns
-            stats["passes"] += len(batches)
     except BaseException:
         with torch.no_grad():
             for n, t in _touched(pruned, fit, bns):
@@ -600,36 +711,39 @@ def _touched(pruned, fit, bns):
         yield f"{n}.running_var", m.running_var
 
 
-def _sweep(pruned, dense, batches, order, calls, feeds, fit, bns, correct, keep, ridge, max_rows, budget, seed,
-           progress, stats):
+def _sweep(pruned, dense, batches, o: _Order, fit, bns, correct, keep, ridge, max_rows, budget, seed, progress, stats):
     """Every site in forward order: re-fit a layer (folding its intercept into the BN that reads it), or
-    correct a BN (``correct``) that reads no re-fitted layer."""
+    correct a BN that reads no re-fitted layer (``correct``: "mean", "moments" or None)."""
     from ..core.progress import progress as bar
 
     fit_set = set(fit)
     readers: dict[str, list] = {}
     for b in bns:
-        if feeds.get(b) in fit_set:
-            readers.setdefault(feeds[b], []).append(b)
-    sites = [n for n in order if n in fit_set or (correct and n in bns)]
-    targets = _DenseTargets(dense, pruned, batches, sites, calls, keep, max_rows, seed, budget)
+        if o.feeds.get(b) in fit_set:
+            readers.setdefault(o.feeds[b], []).append(b)
+    sites = [n for n in o.order if n in fit_set or (correct and n in bns)]
+    targets = _DenseTargets(dense, pruned, batches, sites, o.calls, keep, max_rows, seed, budget)
+    runner = _Runner(pruned, batches, o)
     folded: set[str] = set()
     for name in bar(sites, desc="reconstruct", disable=None if progress else True):
         if name in folded:
             targets.cache.pop(name, None)
             continue
-        stats["passes"] += len(batches)
+        stats["sites"] += 1
         if name not in fit_set:
-            _measure_bn(name, pruned, batches, targets)
+            _measure_bn(name, pruned, runner, targets, correct == "moments")
+            runner.changed(name)
             stats["batchnorms"].append(name)
             continue
         bn_names = readers.get(name, [])
         fold = pruned.get_submodule(bn_names[0]) if len(bn_names) == 1 else None
-        done = _fit_layer(name, pruned, batches, targets, ridge, fold)
+        done = _fit_layer(name, pruned, runner, targets, ridge, fold)
         if done is None:
             continue
+        runner.changed(name)
         normal, w0, w = done
         y2 = float(normal.syy.sum()) or 1.0
         stats["layers"][name] = {"before": max(normal.error(w0), 0.0) ** 0.5 / y2 ** 0.5,
                                  "after": max(normal.error(w), 0.0) ** 0.5 / y2 ** 0.5}
         folded.update(bn_names)  # fitted against the dense outputs: their statistics already match
+    stats["dense_passes"] = targets.passes
