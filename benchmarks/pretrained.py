@@ -5,12 +5,14 @@ For each model, structured pruning to 90 / 80 / 70 / 50 % of the dense MACs and 
 
 * structured: ``plain`` (DepGraph, l2, hf_prune's defaults), ``plain + BN recalibration`` (the usual
   cheap fix), ``+ reconstruction`` (:func:`hf_prune.engine.reconstruct.reconstruct`, no BN step),
-  ``+ reconstruction + BN correction``, the same with ``activation`` importance, and ``+ N
-  distillation steps`` (:func:`hf_prune.recover`) on the best one-shot row; Torch-Pruning's default
+  ``+ reconstruction + BN recalibration`` (all BNs re-estimated on the calibration views),
+  ``+ reconstruction + BN mean correction`` (``bn="mean"``, the default), the same with
+  ``activation`` importance, and ``+ N distillation steps`` (:func:`hf_prune.recover`) on the best one-shot row; Torch-Pruning's default
   recipe at the same MACs (its uniform channel ratio found by bisection), plain and with BN
   recalibration;
 * weight pruning: uniform magnitude (what ``torch.nn.utils.prune`` does per layer), hf_prune's global
-  magnitude, + BN correction, oViT (data-aware OBS with weight updates; gradients of the
+  magnitude, + BN mean correction or + BN recalibration (layer re-fit does not apply: no layer loses
+  inputs), oViT (data-aware OBS with weight updates; gradients of the
   cross-entropy on the dense model's own top-1, so no labels), + BN correction, + N distillation
   steps on the best one-shot row.
 
@@ -50,6 +52,13 @@ from benchmarks.pretrained_models import load_efficientnet_lite, photos  # noqa:
 
 CALIB_PHOTOS = ("astronaut", "hubble_deep_field", "immunohistochemistry", "retina", "stereo_motorcycle", "flower")
 EVAL_PHOTOS = ("chelsea", "coffee", "rocket", "china", "grace_hopper")
+STRUCTURED_ROWS = ["plain", "plain + BN recalibration", "+ reconstruction", "+ reconstruction + BN recalibration",
+                   "+ reconstruction + BN mean correction", "activation importance (plain)",
+                   "activation importance + reconstruction + BN mean correction"]
+TP_ROWS = ["Torch-Pruning", "Torch-Pruning + BN recalibration"]
+WEIGHT_ROWS = ["uniform magnitude (per layer, like torch.nn.utils.prune)", "plain (global magnitude)",
+               "+ BN mean correction", "+ BN recalibration", "oViT (data-aware OBS + weight updates)",
+               "oViT + BN mean correction"]
 
 
 # ----------------------------------------------------------------------------------------- data
@@ -204,6 +213,12 @@ class Results:
     def has(self, **key) -> bool:
         return any(all(r.get(k) == v for k, v in key.items()) for r in self.data["rows"])
 
+    def complete(self, key: dict, rows: list, latency: bool) -> bool:
+        """Every row of this setting (and its latency) is already there: ``--resume`` skips it."""
+        timed = not latency or any(r.get("model") == key["model"] and r.get("target") == key["target"]
+                                   for r in self.data["latency"])
+        return timed and all(self.has(**key, row=r) for r in rows)
+
     def add(self, row: dict) -> None:
         self.data["rows"].append(row)
         print(json.dumps(row), flush=True)
@@ -216,6 +231,10 @@ class Results:
 
 def run_structured(variant, dense, data, dense_logits, dense_macs, target, args, res: Results):
     key = dict(model=f"efficientnet_lite{variant}", kind="structured", target=target)
+    tp = torch_pruning_available() and not args.no_tp
+    expected = STRUCTURED_ROWS + (["+ distillation"] if args.steps else []) + (TP_ROWS if tp else [])
+    if res.complete(key, expected, latency=True):
+        return
     ready = {}
 
     def row(name, model, seconds, **extra):
@@ -235,30 +254,40 @@ def run_structured(variant, dense, data, dense_logits, dense_macs, target, args,
         t = time.perf_counter()
         row("plain + BN recalibration", bn_recalibrated(pruned, data), time.perf_counter() - t)
     best = None
+
+    def consider(name, m):
+        nonlocal best
+        if best is None or m["top1"] > best[1]["top1"] or (m["top1"] == best[1]["top1"] and m["kl"] < best[1]["kl"]):
+            best = (name, m)
+
+    def done(name):
+        return next((r for r in res.data["rows"] if all(r.get(k) == v for k, v in dict(key, row=name).items())), None)
+
     for imp, name, options in (
             ("l2", "+ reconstruction", dict(bn=None, layers=args.layers)),
-            ("l2", "+ reconstruction + BN correction", dict(bn="correct", layers=args.layers)),
-            ("activation", "activation importance + reconstruction + BN correction",
-             dict(bn="correct", layers=args.layers))):
+            ("l2", "+ reconstruction + BN mean correction", dict(bn="mean", layers=args.layers)),
+            ("activation", "activation importance + reconstruction + BN mean correction",
+             dict(bn="mean", layers=args.layers))):
         pruned_i, keep_i, cut_i = timed[imp]
         if name.startswith("activation") and not res.has(**key, row="activation importance (plain)"):
             row("activation importance (plain)", pruned_i, cut_i)
         t = time.perf_counter()
         model, stats = reconstructed(pruned_i, dense, data, keep_i, **options)
-        if not res.has(**key, row=name):
-            m = row(name, model, time.perf_counter() - t, recon_seconds=round(stats["seconds"], 1))
-        else:
-            m = next(r for r in res.data["rows"] if all(r.get(k) == v for k, v in dict(key, row=name).items()))
+        m = done(name) or row(name, model, time.perf_counter() - t, recon_seconds=round(stats["seconds"], 1))
         ready[name] = model
-        if best is None or m["top1"] > best[1]["top1"] or (m["top1"] == best[1]["top1"] and m["kl"] < best[1]["kl"]):
-            best = (name, m)
+        consider(name, m)
+        if name == "+ reconstruction":
+            extra = "+ reconstruction + BN recalibration"
+            t = time.perf_counter()
+            ready[extra] = bn_recalibrated(model, data)
+            consider(extra, done(extra) or row(extra, ready[extra], time.perf_counter() - t))
     if args.steps and not res.has(**key, row="+ distillation"):
         t = time.perf_counter()
         model, stats = distilled(ready[best[0]], dense, data, args)
         row("+ distillation", model, time.perf_counter() - t, start=best[0], steps=args.steps, batch=args.batch,
             lr=args.lr, loss_first=stats["loss_first"], loss_last=stats["loss_last"])
     variants = {"dense": dense, "hf_prune (l2)": timed["l2"][0], "hf_prune (activation)": timed["activation"][0]}
-    if torch_pruning_available() and not args.no_tp:
+    if tp:
         t = time.perf_counter()
         tp_model, ratio, _ = tp_at(dense, data, target, dense_macs)
         tp_s = time.perf_counter() - t
@@ -280,17 +309,20 @@ def run_structured(variant, dense, data, dense_logits, dense_macs, target, args,
 
 def run_weights(variant, dense, data, dense_logits, sparsity, args, res: Results):
     key = dict(model=f"efficientnet_lite{variant}", kind="weights", target=sparsity)
+    if res.complete(key, WEIGHT_ROWS + (["+ distillation"] if args.steps else []), latency=False):
+        return
     models = {}
     best = None
+    plain, ovit = "plain (global magnitude)", "oViT (data-aware OBS + weight updates)"
     for name, make in (
             ("uniform magnitude (per layer, like torch.nn.utils.prune)",
              lambda: weight_pruned(dense, data, sparsity, "magnitude", "uniform")),
-            ("plain (global magnitude)", lambda: weight_pruned(dense, data, sparsity, "magnitude")),
-            ("+ BN correction", lambda: reconstructed(models["plain (global magnitude)"], dense, data, None,
-                                                       layers=[], bn="correct")[0]),
-            ("oViT (data-aware OBS + weight updates)", lambda: weight_pruned(dense, data, sparsity, "ovit")),
-            ("oViT + BN correction", lambda: reconstructed(models["oViT (data-aware OBS + weight updates)"], dense,
-                                                            data, None, layers=[], bn="correct")[0])):
+            (plain, lambda: weight_pruned(dense, data, sparsity, "magnitude")),
+            ("+ BN mean correction", lambda: reconstructed(models[plain], dense, data, None, layers=[], bn="mean")[0]),
+            ("+ BN recalibration", lambda: bn_recalibrated(models[plain], data)),
+            (ovit, lambda: weight_pruned(dense, data, sparsity, "ovit")),
+            ("oViT + BN mean correction", lambda: reconstructed(models[ovit], dense, data, None, layers=[],
+                                                                bn="mean")[0])):
         t = time.perf_counter()
         models[name] = make()
         seconds = time.perf_counter() - t
@@ -320,7 +352,7 @@ def main(argv=None):
     p.add_argument("--macs", default="0.9,0.8,0.7,0.5", help="structured targets (fraction of dense MACs kept)")
     p.add_argument("--sparsity", default="0.5,0.7,0.9", help="weight-pruning targets")
     p.add_argument("--calib-views", type=int, default=8, help="views per calibration photo (6 photos)")
-    p.add_argument("--eval-views", type=int, default=16, help="views per evaluation photo (5 photos)")
+    p.add_argument("--eval-views", type=int, default=24, help="views per evaluation photo (5 photos)")
     p.add_argument("--layers", default="consumers", help="reconstruct(layers=...)")
     p.add_argument("--steps", type=int, default=200, help="distillation steps (0: none)")
     p.add_argument("--batch", type=int, default=16, help="distillation batch size")
@@ -373,7 +405,7 @@ def compose(data: dict) -> str:
         f"photos: calibration {', '.join(CALIB_PHOTOS)}; evaluation (held out) {', '.join(EVAL_PHOTOS)}; "
         f"{s.get('calib_views')} calibration views and {s.get('eval_views')} evaluation views per photo "
         "(random resized crops, area 0.25–1, and flips)",
-        f"reconstruction: layers={s.get('layers')!r}, ridge 1e-3, calibration views in batches of 24; "
+        f"reconstruction: layers={s.get('layers')!r}, ridge 1e-2, calibration views in batches of 24; "
         f"distillation: {s.get('steps')} steps, batch {s.get('batch')}, AdamW lr {s.get('lr')}, cosine, "
         "on fresh random views of the calibration photos only",
         "agreement = fraction of evaluation views where the pruned model's top-1 (top-5) contains the dense "

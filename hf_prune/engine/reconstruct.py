@@ -611,7 +611,7 @@ def _measure_bn(name, pruned, runner, targets, variance: bool):
 
 
 def reconstruct(pruned: nn.Module, dense: nn.Module, calib, *, keep: dict | None = None, layers="consumers",
-                ridge: float = 1e-3, bn: str | None = "mean", max_batches: int | None = 8,
+                ridge: float = 1e-2, bn: str | None = "mean", max_batches: int | None = 8,
                 max_rows: int = 8192, cache_mb: float = 1024, seed: int = 0, progress: bool = True) -> dict:
     """Re-fit ``pruned`` (compacted, in place) towards ``dense`` on calibration batches; returns stats.
 
