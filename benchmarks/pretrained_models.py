@@ -8,6 +8,9 @@
   photo "Egyptian cat" (285) and its coffee photo "espresso" (967).
 * :func:`photos` — real colour photographs that ship inside installed packages (``skimage.data``,
   scikit-learn's sample images, matplotlib's sample data), as float tensors in [0, 1].
+* :func:`extra_images` — the other real images in ``skimage.data`` (mostly grayscale photographs and
+  textures, repeated to three channels): more variety for calibration and distillation pools, never
+  ImageNet-like evaluation photos.
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ VARIANTS = (1, 2)
 # Real photographs in skimage.data that load offline (others need a download; colorwheel and logo are drawn).
 SKIMAGE_PHOTOS = ("astronaut", "chelsea", "coffee", "hubble_deep_field", "immunohistochemistry", "retina", "rocket",
                   "stereo_motorcycle")
+SKIMAGE_EXTRA = ("camera", "coins", "moon", "page", "text", "brick", "grass", "gravel", "cell", "clock")
 
 
 def load_efficientnet_lite(variant: int = 1) -> torch.nn.Module:
@@ -69,3 +73,20 @@ def photos() -> dict[str, torch.Tensor]:
         arrays["grace_hopper"] = np.asarray(Image.open(hopper).convert("RGB"))
     return {k: torch.from_numpy(np.array(v[..., :3])).permute(2, 0, 1).float() / 255.0
             for k, v in arrays.items()}
+
+
+def extra_images() -> dict[str, torch.Tensor]:
+    """``{name: (3, H, W) float tensor in [0, 1]}``: skimage's other real images (grayscale ones repeated to
+    three channels) and the right view of its stereo pair (``photos`` has the left one)."""
+    import numpy as np
+    from skimage import data
+
+    arrays = {name: getattr(data, name)() for name in SKIMAGE_EXTRA}
+    arrays["stereo_motorcycle_right"] = data.stereo_motorcycle()[1]
+    out = {}
+    for k, v in arrays.items():
+        v = np.asarray(v)
+        v = np.repeat(v[..., None], 3, axis=2) if v.ndim == 2 else v[..., :3]
+        scale = 255.0 if v.dtype == np.uint8 else float(max(v.max(), 1))
+        out[k] = torch.from_numpy(v.astype(np.float32) / scale).permute(2, 0, 1).contiguous()
+    return out

@@ -49,6 +49,11 @@ _EXPORTS = {
     "OViTCallback": "hf_prune.methods.ovit.callback",
     "MagnitudeCallback": "hf_prune.methods.magnitude.callback",
     "staged_finetune": "hf_prune.trainer.staged",
+    "DistillationTrainer": "hf_prune.trainer.distill",
+    "LRRestartsCallback": "hf_prune.trainer.restarts",
+    # recovery of pretrained models
+    "recover": "hf_prune.recovery",
+    "dense_teacher": "hf_prune.recovery",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -161,6 +161,9 @@ def test_train_under_accelerate_launch_with_two_processes(tiny, tmp_path):
     (["--method", "depgraph", "--target-macs", "0.5", "--set", "sparsity"], "FIELD=VALUE"),
     (["--method", "depgraph", "--target-macs", "0.5", "--set", "shedule=linear"], "did you mean"),
     (["--method", "depgraph", "--target-macs", "1.5"], "target_macs"),
+    (["--method", "updp", "--num-blocks", "1", "--lr-restarts"], "sparsity schedule"),
+    (["--method", "stagewise", "--target-macs", "0.5", "--distill"], "StageWiseTrainer"),
+    (["--method", "ovit", "--sparsity", "0.5", "--distill-label-weight", "0.5"], "add --distill"),
 ])
 def test_bad_settings_fail_before_training(argv, message, tiny, tmp_path, capsys):
     assert main(["train", tiny, "--output-dir", str(tmp_path), *RUN, *argv]) == 2
@@ -277,3 +280,18 @@ def test_trainers_script_is_hf_prune_train():
     script = Path(__file__).resolve().parents[1] / "trainers" / "train.py"
     run = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0 and run.stdout.startswith("usage: hf-prune train")
+
+
+def test_ovit_gradual_recipe_end_to_end(tiny, tmp_path, capsys):
+    """oViT's recipe through the command: cubic schedule from 40%, learning-rate restarts at every pruning step
+    and distillation from the dense model mixed with the labels; the saved model reproduces its report."""
+    out = tmp_path / "out"
+    code = main(["train", tiny, "--method", "ovit", "--sparsity", "0.6", "--output-dir", str(out), *RUN,
+                 *set_flags({"initial": 0.4, "start": 0, "end": 0.5, "num_grads": 4, "block_size": 16}),
+                 "--lr-restarts", "cosine", "--distill", "--distill-temperature", "2", "--distill-label-weight", "0.5"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err[-3000:]
+    _, result = assert_reproduces_report(out, *held_out(tiny))
+    assert result["recipe"] == {"lr_restarts": "cosine", "distill": True, "distill_temperature": 2.0,
+                                "distill_label_weight": 0.5}
+    assert result["stats"]["global_sparsity"] == pytest.approx(0.6, abs=0.02)

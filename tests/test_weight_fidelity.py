@@ -160,7 +160,9 @@ def test_rd_config_carries_the_cap_and_the_iterative_schedule_to_every_path():
     m = _cnn()
     calib = _batches(torch.randn(16, 3, 8, 8, generator=torch.Generator().manual_seed(0)))
     names = list(prunable_layers(m))
-    _, stats = hf_prune.api.oneshot(m, RDConfig(sparsity=0.9, grid=6, rounds=2), calib=calib)
+    from hf_prune.api import oneshot
+
+    _, stats = oneshot(m, RDConfig(sparsity=0.9, grid=6, rounds=2), calib=calib)
     assert _dead_rows(m, names) == 0  # the default cap keeps every output unit connected
     assert stats["num_pruned"] == round(0.9 * stats["num_weights"])
 
@@ -425,15 +427,18 @@ def test_shuffling_loader_refused_when_gradients_repeat():
 
 
 def test_restart_lr_schedule():
-    fn = recipe.restart_lr_lambda([10, 20, 30], 50, decay="linear")
+    from hf_prune.core.schedules import restart_lr_lambda
+    from hf_prune.trainer.restarts import restart_lr_scheduler
+
+    fn = restart_lr_lambda([10, 20, 30], 50, decay="linear")
     assert fn(0) == 1.0 and fn(10) == 1.0 and fn(20) == 1.0 and fn(30) == 1.0  # a restart at every pruning step
     assert fn(9) == pytest.approx(0.1) and fn(19) == pytest.approx(0.1) and fn(49) == pytest.approx(0.05)
     assert all(fn(t) > fn(t + 1) for t in range(30, 49))
-    cos = recipe.restart_lr_lambda([10], 20, decay="cosine", min_ratio=0.1, warmup_steps=2)
+    cos = restart_lr_lambda([10], 20, decay="cosine", min_ratio=0.1, warmup_steps=2)
     assert cos(10) == pytest.approx(0.1 + 0.9 / 3) and cos(12) == pytest.approx(1.0)
     assert cos(19) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 7 / 8)))
     opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.5)
-    sched = recipe.restart_lr_scheduler(opt, [2, 4], 6)
+    sched = restart_lr_scheduler(opt, [2, 4], 6)
     lrs = []
     for _ in range(6):
         lrs.append(opt.param_groups[0]["lr"])
@@ -441,27 +446,29 @@ def test_restart_lr_schedule():
         sched.step()
     assert lrs == pytest.approx([0.5, 0.25, 0.5, 0.25, 0.5, 0.25])
     with pytest.raises(ValueError, match="decay"):
-        recipe.restart_lr_lambda([1], 4, decay="step")
-    with pytest.raises(PruningError, match="prune_steps"):
-        recipe.restart_lr_lambda([7], 4)
+        restart_lr_lambda([1], 4, decay="step")
+    with pytest.raises(ValueError, match="prune_steps"):
+        restart_lr_lambda([7], 4)
 
 
 def test_distillation_loss_and_teacher():
+    from hf_prune.recovery import dense_teacher, distillation_loss
+
     g = torch.Generator().manual_seed(0)
     s, t = torch.randn(6, 10, generator=g), torch.randn(6, 10, generator=g)
     y = torch.randint(0, 10, (6,), generator=g)
-    assert float(recipe.distillation_loss(t, t)) == pytest.approx(0.0, abs=1e-6)
-    assert float(recipe.distillation_loss(s, t, y, alpha=0.0)) == pytest.approx(
+    assert float(distillation_loss(t, t)) == pytest.approx(0.0, abs=1e-6)
+    assert float(distillation_loss(s, t, y, label_weight=1.0)) == pytest.approx(
         float(nn.functional.cross_entropy(s, y)))
     T = 2.0
     p = torch.softmax(t / T, -1)
     manual = (p * (p.log() - torch.log_softmax(s / T, -1))).sum(-1).mean() * T * T
-    assert float(recipe.distillation_loss(s, t, temperature=T)) == pytest.approx(float(manual), rel=1e-5)
-    with pytest.raises(ValueError, match="alpha"):
-        recipe.distillation_loss(s, t, y, alpha=1.5)
+    assert float(distillation_loss(s, t, temperature=T)) == pytest.approx(float(manual), rel=1e-5)
+    with pytest.raises(ValueError, match="label_weight"):
+        distillation_loss(s, t, y, label_weight=1.5)
     m = _cnn()
     WeightMasks.for_model(m).attach(m)
-    teacher = recipe.dense_teacher(m)
+    teacher = dense_teacher(m)
     assert get_weight_masks(teacher) is None and get_weight_masks(m) is not None
     assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
     assert all(torch.equal(a, b) for a, b in zip(teacher.state_dict().values(), m.state_dict().values()))

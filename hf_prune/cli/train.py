@@ -4,6 +4,7 @@
 
     hf-prune train MODEL --dataset DATA --output-dir DIR [--method NAME] [--config FILE]
         [--target-macs F | --sparsity F | --num-blocks K] [--set FIELD=VALUE ...] [--finetune-steps N]
+        [--lr-restarts [DECAY]] [--distill [--distill-temperature T] [--distill-label-weight W]]
         [--push-to-hub REPO] [every transformers.TrainingArguments flag: --max-steps, --learning-rate, ...]
 
     accelerate launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no --dynamo_backend no \\
@@ -13,7 +14,10 @@ One program for every method: the method's config class, callback and Trainer cl
 registry (:func:`hf_prune.registry.get_method`; SP trains with its ``StageWiseTrainer``). The config is
 ``--config`` (a file written by ``PruningConfig.save_pretrained``, or a pruned model's folder / repo) with
 ``--target-macs`` / ``--sparsity`` / ``--num-blocks`` and ``--set FIELD=VALUE`` (a JSON value or a word)
-on top. Weight methods take their calibration data from the first training items.
+on top. Weight methods take their calibration data from the first training items. oViT's gradual recipe
+(Kuznedelev et al.) is ``--method ovit --set schedule=cubic --set initial=0.4 --lr-restarts --distill``:
+learning-rate restarts at every pruning step (:class:`~hf_prune.trainer.restarts.LRRestartsCallback`)
+and distillation from the dense model (:class:`~hf_prune.trainer.distill.DistillationTrainer`).
 
 ``MODEL``: a timm name (a ``TimmWrapperForImageClassification``, random weights unless ``--pretrained``
 loads ``timm/<name>`` from the Hub), a local folder with a transformers ``config.json`` (weights loaded
@@ -43,6 +47,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..core.schedules import DECAYS
 from .common import (EXIT_OK, EXIT_USAGE, LATENCY_FLAGS, TARGET_FLAGS, CLIError, add_target_arguments, hub_api,
                      load_model, method_config, non_negative_int, number, one_line, positive_int)
 
@@ -81,6 +86,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                             "[0.5, 1.0]) or a word: --set schedule=linear --set end=0.5")
     prune.add_argument("--finetune-steps", type=non_negative_int, default=0, metavar="N",
                        help="train the pruned model N more steps after pruning (structured and depth methods)")
+    recipe = parser.add_argument_group("recipe (oViT's gradual recipe; any method with a sparsity schedule)")
+    recipe.add_argument("--lr-restarts", nargs="?", const="linear", choices=DECAYS, metavar="DECAY",
+                        help="restart the learning rate at every pruning step and let it decay until the next one "
+                             f"({' / '.join(DECAYS)}; given alone: linear); methods with a sparsity schedule only")
+    recipe.add_argument("--distill", action="store_true",
+                        help="distil from a frozen copy of the dense model while training (DistillationTrainer)")
+    recipe.add_argument("--distill-temperature", type=number, default=1.0, metavar="T")
+    recipe.add_argument("--distill-label-weight", type=number, default=0.0, metavar="W",
+                        help="weight of the cross-entropy on labels next to the distillation term (0: distil only)")
     data = parser.add_argument_group("data")
     data.add_argument("--dataset", required=True, metavar="DATA",
                       help="builtin:digits | builtin:mnist | a datasets Hub id | a folder (save_to_disk or images in "
@@ -455,6 +469,7 @@ def run(args, out) -> int:
     except SystemExit as exc:  # --help, or a usage error argparse has printed
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     entry, config = train_config(opts)
+    check_recipe(entry, opts)
     if opts.push_repo:
         hub_api("pushing the pruned model")  # fail before the slow part
     # With --json, stdout carries only the result: the Trainer's printed logs go to stderr.
@@ -477,8 +492,9 @@ def _train(entry, config, training, opts) -> dict | None:
     training.remove_unused_columns = False  # the transform needs the raw columns and returns only model inputs
 
     callback = entry.callback_cls(config)
-    trainer = entry.trainer_cls(model=model, args=training, train_dataset=train_set, eval_dataset=eval_set,
-                                compute_metrics=accuracy, callbacks=[callback])
+    trainer_cls, extra = _recipe(entry, model, callback, opts)
+    trainer = trainer_cls(model=model, args=training, train_dataset=train_set, eval_dataset=eval_set,
+                          compute_metrics=accuracy, callbacks=[callback, *extra.pop("callbacks")], **extra)
     before = trainer.evaluate()
     trainer.train(resume_from_checkpoint=_resume_point(training))
     if not callback.finished:
@@ -493,6 +509,39 @@ def _train(entry, config, training, opts) -> dict | None:
     # under FSDP the callback pruned a gathered full copy (callback.model); the trained model holds shards
     _save(callback.model if callback.sharded else model, opts, training, data, processor, result)
     return result
+
+
+def check_recipe(entry, opts) -> None:
+    """Refuse ``--lr-restarts`` / ``--distill`` for methods they do not apply to, before anything is loaded."""
+    from transformers import Trainer
+
+    from ..trainer.callback import ScheduledPruningCallback
+
+    if opts.lr_restarts and not issubclass(entry.callback_cls, ScheduledPruningCallback):
+        raise CLIError(f"--lr-restarts restarts at the pruning steps of a sparsity schedule; method {entry.name!r} "
+                       "has none (use depgraph, rd, ovit or magnitude)")
+    if opts.distill and entry.trainer_cls is not Trainer:
+        raise CLIError(f"--distill trains with DistillationTrainer, but method {entry.name!r} trains with its own "
+                       f"{entry.trainer_cls.__name__}; leave --distill out")
+    if not opts.distill and (opts.distill_temperature != 1.0 or opts.distill_label_weight != 0.0):
+        raise CLIError("--distill-temperature and --distill-label-weight set up --distill; add --distill")
+
+
+def _recipe(entry, model, callback, opts) -> tuple[type, dict]:
+    """The Trainer class and extra arguments for ``--distill`` and ``--lr-restarts`` (checked by :func:`check_recipe`)."""
+    extra: dict = {"callbacks": []}
+    if opts.lr_restarts:
+        from ..trainer.restarts import LRRestartsCallback
+
+        extra["callbacks"].append(LRRestartsCallback(callback, decay=opts.lr_restarts))
+    if not opts.distill:
+        return entry.trainer_cls, extra
+    from ..recovery import dense_teacher
+    from ..trainer.distill import DistillationTrainer
+
+    extra.update(teacher=dense_teacher(model), temperature=opts.distill_temperature,
+                 label_weight=opts.distill_label_weight)
+    return DistillationTrainer, extra
 
 
 def _finetune(model, training, steps: int, train_set, eval_set):
@@ -514,6 +563,9 @@ def _results(opts, config, training, data, callback, trainer, before: dict, afte
     return {"model": opts.model, "dataset": opts.dataset, "method": config.method, "config": config.to_dict(),
             "train_items": len(data.train), "eval_items": len(data.eval), "world_size": training.world_size,
             "steps": trainer.state.global_step, "finetune_steps": opts.finetune_steps,
+            "recipe": {"lr_restarts": opts.lr_restarts, "distill": opts.distill,
+                       **({"distill_temperature": opts.distill_temperature,
+                           "distill_label_weight": opts.distill_label_weight} if opts.distill else {})},
             "before": metrics(before), "after": metrics(after), "stats": dict(callback.record["stats"]),
             "output": os.path.abspath(training.output_dir), "files": [], "pushed_to": None}
 

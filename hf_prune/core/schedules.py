@@ -23,6 +23,9 @@ after it. Between ``start`` and ``end`` the schedule prunes every ``frequency`` 
   fraction of the surviving weights, so the amount after round ``t`` is ``1 − (1 − a_i)(1 − r)^t``
   (:func:`geometric_targets`).
 
+:func:`restart_lr_lambda` is oViT's cyclic learning rate: back to the peak at every pruning step, decaying
+until the next one.
+
 :class:`Annealing` is a 0 → 1 coefficient over a window of steps (linear or cosine), used by
 methods that morph a layer gradually (e.g. UPDP's activation → identity).
 
@@ -32,6 +35,7 @@ schedule can be saved as its :meth:`SparsitySchedule.to_dict` and rebuilt with :
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
 __all__ = [
@@ -45,6 +49,8 @@ __all__ = [
     "geometric_amount",
     "geometric_targets",
     "Annealing",
+    "restart_lr_lambda",
+    "DECAYS",
     "make_schedule",
     "from_dict",
     "cubic_amount",
@@ -338,6 +344,52 @@ def from_dict(d: dict) -> SparsitySchedule:
         elif typ == "float":
             d[key] = float(d[key])
     return cls(**d)
+
+
+# ----------------------------------------------------------------------------------- learning-rate restarts
+
+DECAYS = ("linear", "cosine", "constant")
+
+
+def restart_lr_lambda(prune_steps: Sequence[int], total_steps: int, *, decay: str = "linear",
+                      min_ratio: float = 0.0, warmup_steps: int = 0) -> Callable[[int], float]:
+    """The learning-rate multiplier of oViT's cyclic schedule (restarts at every pruning step), for
+    ``torch.optim.lr_scheduler.LambdaLR``.
+
+    Steps are optimizer steps. A cycle starts at every step of ``prune_steps`` (the pruning steps of the
+    sparsity schedule, e.g. ``schedule.pruning_steps(total_steps)``) and the last one runs to
+    ``total_steps`` (the final fine-tuning); training before the first pruning step is one more cycle
+    from step 0. Within a cycle of length ``L`` the multiplier rises linearly over
+    ``warmup_steps`` (capped at ``L``) from ``min_ratio`` to 1, then decays to ``min_ratio`` at the
+    cycle's end: ``"linear"``, ``"cosine"`` or ``"constant"`` (stays at 1).
+    """
+    from .checks import check_choice, check_fraction, check_int
+
+    check_choice("decay", decay, DECAYS)
+    min_ratio = check_fraction("min_ratio", min_ratio, closed_low=True, meaning="the multiplier at a cycle's end")
+    total_steps = check_int("total_steps", total_steps)
+    warmup_steps = check_int("warmup_steps", warmup_steps, minimum=0)
+    steps = {int(s) for s in prune_steps if 0 <= int(s) < total_steps}
+    if not steps:
+        raise ValueError(f"prune_steps={list(prune_steps)!r} has no step in [0, {total_steps}); give the pruning "
+                           "steps of the sparsity schedule")
+    starts = sorted(steps | {0})  # training before the first pruning step is a cycle of its own
+    ends = starts[1:] + [total_steps]
+
+    def multiplier(step: int) -> float:
+        i = max(0, sum(1 for s in starts if s <= step) - 1)
+        length = max(1, ends[i] - starts[i])
+        t = min(max(step - starts[i], 0), length)
+        warm = min(warmup_steps, length - 1)
+        if t < warm:
+            return min_ratio + (1.0 - min_ratio) * (t + 1) / (warm + 1)
+        if decay == "constant":
+            return 1.0
+        p = (t - warm) / max(1, length - warm)
+        shape = 1.0 - p if decay == "linear" else 0.5 * (1.0 + math.cos(math.pi * p))
+        return min_ratio + (1.0 - min_ratio) * shape
+
+    return multiplier
 
 
 # ----------------------------------------------------------------------------------- annealing

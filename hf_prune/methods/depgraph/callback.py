@@ -65,6 +65,9 @@ class DepGraphCallback(ScheduledPruningCallback):
 
     def __init__(self, config=None, *, example_inputs=None, reference: dict | None = None, **fields):
         super().__init__(config, example_inputs=example_inputs, **fields)
+        if self.config.importance == "activation":
+            raise ConfigError("importance='activation' scores units on calibration data in one-shot "
+                              "hf_prune.prune(..., calib=); during training use 'l2', 'l1' or 'taylor'")
         if reference is not None and not set(REFERENCE_KEYS) <= set(reference):
             raise ConfigError(f"reference={reference!r} must have the keys {REFERENCE_KEYS}")
         self.reference = dict(reference) if reference is not None else None

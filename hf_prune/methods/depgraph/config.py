@@ -8,7 +8,7 @@ from ...core.checks import (MEASURED, check_choice, check_fraction, check_int, c
                             check_round_to, check_sparsity)
 from ...errors import ConfigError
 
-IMPORTANCES = ("l2", "l1", "taylor")
+IMPORTANCES = ("l2", "l1", "taylor", "activation")
 MODES = ("global", "local")
 SPARSE_PENALTIES = ("squared", "lasso")
 TARGETS = ("target_macs", "sparsity", "target_latency")
@@ -27,7 +27,11 @@ class DepGraphConfig(ScheduleConfig):
     device, 1, its dtype — cached on disk, and the plan is verified by timing; see
     :mod:`hf_prune.engine.latency`).
     ``importance``: ``"l2"`` / ``"l1"`` group magnitude, ``"taylor"`` (first order ``|w·∂L/∂w|``; one-shot
-    needs ``calib=``). ``mode``: ``"global"`` ranks all units by group-normalised importance, ``"local"``
+    needs ``calib=``), ``"activation"`` (one-shot with ``calib=`` only: how much removing a unit disturbs
+    the outputs of the layers that read it, :func:`~hf_prune.engine.importance.activation_scores`).
+    ``reconstruct`` (one-shot): re-fit the layers that read pruned channels by ridge least squares so their
+    outputs match the dense model's on ``calib``, then correct the BatchNorm means downstream
+    (:func:`~hf_prune.engine.reconstruct.reconstruct`); None (default) = on when ``calib=`` is given. ``mode``: ``"global"`` ranks all units by group-normalised importance, ``"local"``
     removes the same fraction of every group. ``round_to``: channel groups keep a multiple of it (None:
     no rounding; ``"measured"`` with ``target_latency``: the fastest nearby width by timing). ``prune_stem``: also prune the stem's output channels (a ViT's embedding width).
     ``ignored_layers``: module names whose output channels stay.
@@ -48,6 +52,7 @@ class DepGraphConfig(ScheduleConfig):
     latency_batch_size: int = 1
     latency_dtype: str | None = None
     importance: str = "l2"
+    reconstruct: bool | None = None
     mode: str = "global"
     round_to: int | None = 8
     prune_stem: bool = False
@@ -75,6 +80,8 @@ class DepGraphConfig(ScheduleConfig):
         if self.round_to == MEASURED and self.target_latency is None:
             raise ConfigError(f"round_to={MEASURED!r} picks widths by timing them, so it needs target_latency=")
         check_choice("importance", self.importance, IMPORTANCES)
+        if self.reconstruct not in (None, True, False):
+            raise ConfigError(f"reconstruct={self.reconstruct!r} must be True, False or None (on when calib= is given)")
         check_choice("mode", self.mode, MODES)
         check_round_to(self.round_to)
         self.ignored_layers = check_names("ignored_layers", self.ignored_layers)

@@ -1,10 +1,13 @@
 """One-shot DepGraph: trace, score, allocate and compact in one transactional call."""
 from __future__ import annotations
 
+import copy
+
 from torch import nn
 
 from ...core.execution import eval_mode
 from ...core.inputs import batch_size, call_model, logits_of, split_batch
+from ...engine.importance import unit_scores
 from ...engine.pruner import StructuredPruner, with_repairs
 from ...errors import ConfigError
 from .config import DepGraphConfig
@@ -31,11 +34,19 @@ def prune_depgraph(model: nn.Module, config: DepGraphConfig, *, example_inputs=N
     """Prune ``model`` in place to ``config``'s target; returns parameter and MAC counts before/after.
 
     ``compact=False`` leaves masks (fixed shapes, for training); :func:`hf_prune.compact` removes them.
+    With ``calib`` (and ``config.reconstruct`` not False) the compacted model is re-fitted towards the
+    dense one (:func:`reconstruct_from_dense`).
     """
+    if config.importance in ("taylor", "activation") and calib is None:
+        raise ConfigError(f"importance={config.importance!r} reads the data: pass calib= (labelled batches for "
+                          "'taylor', any model inputs for 'activation')")
     if config.importance == "taylor":
-        if calib is None:
-            raise ConfigError("importance='taylor' needs gradients: pass calib= (labelled batches)")
         taylor_gradients(model, calib, loss_fn)
+    refit = config.reconstruct if config.reconstruct is not None else (calib is not None and compact)
+    if refit and (calib is None or not compact):
+        raise ConfigError("reconstruct=True re-fits the compacted model on calibration data: pass calib= and keep "
+                          "compact=True (or set reconstruct=False)")
+    dense = copy.deepcopy(model) if refit else None
 
     def build(frozen_modules, frozen_splits):
         return StructuredPruner(model, example_inputs, importance=config.importance, mode=config.mode,
@@ -46,7 +57,11 @@ def prune_depgraph(model: nn.Module, config: DepGraphConfig, *, example_inputs=N
     target = {config.target_kind: getattr(config, config.target_kind)}
     if config.target_latency is not None:
         target.update(config.latency_options())
-    pruner = with_repairs(model, build, lambda p: p.step(**target, compacted=compact))
+    def attempt(pruner):  # a repair builds a new graph: data-aware scores are taken on each one
+        scores = unit_scores(pruner.graph, "activation", calib=calib) if config.importance == "activation" else None
+        pruner.step(**target, scores=scores, compacted=compact)
+
+    pruner = with_repairs(model, build, attempt)
     stats = pruner.stats()
     out = {"params_before": pruner.dense_params, "params_after": stats["params"],
            "macs_before": pruner.dense_macs, "macs_after": stats["macs"],
@@ -54,4 +69,24 @@ def prune_depgraph(model: nn.Module, config: DepGraphConfig, *, example_inputs=N
     measured = (getattr(pruner, "latency_report", None) or {}).get("measured")
     if measured:
         out["speed"] = measured  # the plan timed against the dense model (device, batch, dtype included)
+    if refit:
+        out["reconstruction"] = reconstruct_from_dense(model, dense, pruner, calib)
     return out
+
+
+def reconstruct_from_dense(model: nn.Module, dense: nn.Module, pruner: StructuredPruner, calib) -> dict:
+    """Re-fit the compacted ``model`` towards ``dense`` on ``calib`` (ridge least squares on the layers that
+    read pruned channels, BatchNorm means corrected downstream); returns a summary of the layer errors."""
+    from ...engine.reconstruct import kept_indices, reconstruct
+
+    keep = kept_indices(pruner.graph, pruner.removed)
+    stats = reconstruct(model, dense, calib, keep=keep)
+    errors = stats["layers"].values()
+    return {"layers": len(stats["layers"]), "batchnorms": len(stats["batchnorms"]),
+            "seconds": round(stats["seconds"], 2),
+            "mean_error_before": _mean(e["before"] for e in errors), "mean_error_after": _mean(e["after"] for e in errors)}
+
+
+def _mean(values) -> float | None:
+    values = [float(v) for v in values]
+    return sum(values) / len(values) if values else None
