@@ -238,7 +238,7 @@ def render(d: dict) -> str:
         f"data (no labels): crops of real photos from skimage / scikit-learn / matplotlib; training crops from "
         f"{', '.join(d['train_photos'])}; test: {a['test_crops']} fixed crops of each held-out photo "
         f"({', '.join(d['test_photos'])}) and {a['test_crops'] // 2} fixed crops (another seed) of each training "
-        "photo; crops: scale 0.25-1, aspect 3/4-4/3, flips, {a['size']} px, ImageNet "
+        f"photo; crops: scale 0.25-1, aspect 3/4-4/3, flips, {a['size']} px, ImageNet "
         "mean/std",
         f"blocks: the {a['num_blocks']} with the smallest output change when annealed alone to lambda = 1 "
         "(prune_depth's one-shot proxy, on 64 training crops), the same for every variant",

@@ -221,3 +221,10 @@ def test_prune_with_calib_reconstructs_by_default_and_records_it():
     assert all(torch.equal(a, b) for a, b in zip(untouched.state_dict().values(), dense.state_dict().values()))
     with pytest.raises(ConfigError, match="one-shot"):
         hf_prune.DepGraphCallback(target_macs=0.5, importance="activation")
+    # a reconstruction that fails undoes the whole prune: same shapes, same values, same parameter objects
+    params = list(untouched.parameters())
+    with pytest.raises(RuntimeError):
+        hf_prune.prune(untouched, "depgraph", target_macs=0.6, round_to=None, example_inputs=x,
+                       calib=torch.randn(8, 5, 8, 8))  # 5 channels: the calibration forward fails
+    assert all(a is b for a, b in zip(untouched.parameters(), params))
+    assert all(torch.equal(a, b) for a, b in zip(untouched.state_dict().values(), dense.state_dict().values()))

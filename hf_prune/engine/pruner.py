@@ -354,7 +354,7 @@ class StructuredPruner:
             undo.restore()
         return latency.measure_plan(pruned)
 
-    def step(self, *, sparsity=None, target_macs=None, scores=None, compacted=False,
+    def step(self, *, sparsity=None, target_macs=None, scores=None, compacted=False, after=None,
              **latency) -> StructuredMask | None:
         """Mask more units to reach the target; the model keeps its shapes (see :meth:`apply`).
         ``latency``: ``target_latency`` and the other latency arguments of :meth:`plan`."""
@@ -362,15 +362,17 @@ class StructuredPruner:
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
                 check(value)  # a string, a bool, ...: refused here; the allocation checks the ranges
         return self.apply(self.plan(sparsity=sparsity, target_macs=target_macs, scores=scores, **latency),
-                          compacted=compacted)
+                          compacted=compacted, after=after)
 
-    def apply(self, removed: torch.Tensor, *, compacted: bool = False) -> StructuredMask | None:
+    def apply(self, removed: torch.Tensor, *, compacted: bool = False, after=None) -> StructuredMask | None:
         """Mask exactly the units ``removed`` (root ids of ``self.graph``), checked to compact.
 
         Replaces any earlier mask of this pruner; the model keeps its shapes. Methods that choose
         units themselves (searched widths, a resumed checkpoint) go through here. With
         ``compacted=True`` the units are removed for good instead (one-shot pruning: the check's
         compaction is kept, which saves a second compaction and forward pass); returns None then.
+        ``after(pruner)``, with ``compacted=True``: more work on the compacted model inside the same
+        transaction (e.g. reconstruction): if it fails, the compaction is undone too.
         """
         removed = torch.unique(torch.as_tensor(removed, dtype=torch.int64).reshape(-1))
         prunable = torch.cat([torch.zeros(0, dtype=torch.int64)] + [g.units for g in self.graph.groups])
@@ -383,8 +385,16 @@ class StructuredPruner:
         if compacted:
             if old is not None:
                 raise PruningError("this pruner's model carries masks; call compact() instead of compacted=True")
-            self._compact_checked(keep).discard()
+            undo, before = self._compact_checked(keep), self.removed
             self.removed = removed
+            if after is not None:
+                try:
+                    after(self)
+                except BaseException:
+                    self.removed = before
+                    undo.restore()
+                    raise
+            undo.discard()
             return None
         if old is not None:
             old.remove_hooks()

@@ -42,11 +42,11 @@ def prune_depgraph(model: nn.Module, config: DepGraphConfig, *, example_inputs=N
                           "'taylor', any model inputs for 'activation')")
     if config.importance == "taylor":
         taylor_gradients(model, calib, loss_fn)
-    refit = config.reconstruct if config.reconstruct is not None else (calib is not None and compact)
-    if refit and (calib is None or not compact):
+    refit_wanted = config.reconstruct if config.reconstruct is not None else (calib is not None and compact)
+    if refit_wanted and (calib is None or not compact):
         raise ConfigError("reconstruct=True re-fits the compacted model on calibration data: pass calib= and keep "
                           "compact=True (or set reconstruct=False)")
-    dense = copy.deepcopy(model) if refit else None
+    dense = copy.deepcopy(model) if refit_wanted else None
 
     def build(frozen_modules, frozen_splits):
         return StructuredPruner(model, example_inputs, importance=config.importance, mode=config.mode,
@@ -57,9 +57,14 @@ def prune_depgraph(model: nn.Module, config: DepGraphConfig, *, example_inputs=N
     target = {config.target_kind: getattr(config, config.target_kind)}
     if config.target_latency is not None:
         target.update(config.latency_options())
+    refitted: dict = {}
+
+    def refit(pruner):  # inside the compaction's transaction: a failure here undoes the prune too
+        refitted.update(reconstruct_from_dense(model, dense, pruner, calib))
+
     def attempt(pruner):  # a repair builds a new graph: data-aware scores are taken on each one
         scores = unit_scores(pruner.graph, "activation", calib=calib) if config.importance == "activation" else None
-        pruner.step(**target, scores=scores, compacted=compact)
+        pruner.step(**target, scores=scores, compacted=compact, after=refit if refit_wanted else None)
 
     pruner = with_repairs(model, build, attempt)
     stats = pruner.stats()
@@ -69,8 +74,8 @@ def prune_depgraph(model: nn.Module, config: DepGraphConfig, *, example_inputs=N
     measured = (getattr(pruner, "latency_report", None) or {}).get("measured")
     if measured:
         out["speed"] = measured  # the plan timed against the dense model (device, batch, dtype included)
-    if refit:
-        out["reconstruction"] = reconstruct_from_dense(model, dense, pruner, calib)
+    if refitted:
+        out["reconstruction"] = refitted
     return out
 
 
