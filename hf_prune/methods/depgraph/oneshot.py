@@ -38,8 +38,8 @@ def prune_depgraph(model: nn.Module, config: DepGraphConfig, *, example_inputs=N
     dense one (:func:`reconstruct_from_dense`).
     """
     if config.importance in ("taylor", "activation") and calib is None:
-        raise ConfigError(f"importance={config.importance!r} reads the data: pass calib= (labelled batches for "
-                          "'taylor', any model inputs for 'activation')")
+        need = "gradients (labelled batches)" if config.importance == "taylor" else "layer inputs (any model inputs)"
+        raise ConfigError(f"importance={config.importance!r} needs {need}: pass calib=")
     if config.importance == "taylor":
         taylor_gradients(model, calib, loss_fn)
     refit_wanted = config.reconstruct if config.reconstruct is not None else (calib is not None and compact)
