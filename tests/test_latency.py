@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from hf_prune.engine.allocation import _Knapsack
+from hf_prune.engine.allocation import LatencyKnapsack
 from hf_prune.engine.latency import LatencyModel, LatencyTable, Settings, cache_dir, find_layers, measure_speedup
 from hf_prune.engine.pruner import StructuredPruner
 from hf_prune.errors import ConfigError

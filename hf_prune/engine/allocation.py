@@ -8,7 +8,7 @@ heads/blocks and at least one. For parameters and MACs, the fraction (local) or 
 
 For ``target_latency`` (a fraction of the dense model's latency as predicted by a
 :class:`~hf_prune.engine.latency.LatencyModel`), ``global`` is a knapsack over groups solved
-greedily (:class:`_Knapsack`): starting from the dense model, repeatedly take the step (one
+greedily (:class:`LatencyKnapsack`): starting from the dense model, repeatedly take the step (one
 ``round_to`` of channels, or one head) whose lost value per millisecond saved is smallest, with
 each step's saving computed from the measured table at the current widths of the layers it touches
 (so coupled neighbours are accounted for), until the budget is met; then steps that still fit are
@@ -123,7 +123,7 @@ def allocate(graph, scores, norm_scores, *, sparsity=None, target_macs=None, tar
         if latency is None:
             raise ConfigError("target_latency needs a latency model (hf_prune.engine.latency.LatencyModel) of "
                               "this graph; StructuredPruner.plan builds one")
-        knapsack = _Knapsack(graph, ranking, latency.build(), round_to)
+        knapsack = LatencyKnapsack(graph, ranking, latency.build(), round_to)
         if mode == "global":
             return ranking.removed(knapsack.solve(target_latency, removed))
         round_to = knapsack.round_to
@@ -178,7 +178,7 @@ def allocate(graph, scores, norm_scores, *, sparsity=None, target_macs=None, tar
     return ranking.removed(counts_at(hi))
 
 
-class _Knapsack:
+class LatencyKnapsack:
     """Kept units per group under a latency budget (see the module docstring).
 
     Works on counts: group ``g`` keeps its ``counts[g]`` best-ranked units, so a member's width is
