@@ -397,6 +397,12 @@ def test_oneshot_prune_stagewise_meets_budget_and_is_transactional():
                             example_inputs={"pixel_values": x}, calib=calib)
     assert DependencyGraph(model, {"pixel_values": x}).macs() <= 0.7 * dense
     assert stats["macs_after"] <= 0.7 * stats["macs_before"] and 0.0 <= stats["proxy_accuracy"] <= 1.0
+    recon = stats["reconstruction"]  # the extracted subnet is re-fitted towards the full net by default
+    assert recon["layers"] > 0 and recon["mean_error_after"] < recon["mean_error_before"]
+    plain = prune_stagewise(fresh, StageWiseConfig(target_macs=0.7, round_to=1, population=4, generations=2,
+                                                   reconstruct=False), example_inputs={"pixel_values": x}, calib=calib)
+    assert "reconstruction" not in plain
+    assert [p.shape for p in fresh.parameters()] == [p.shape for p in model.parameters()]  # the same subnet
 
 
 # ------------------------------------------------------------------------------------------ errors

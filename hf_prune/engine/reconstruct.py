@@ -1,7 +1,7 @@
 """Layer-wise reconstruction after structured pruning: re-fit what the removal disturbed.
 
 :func:`reconstruct` takes a compacted pruned model and the dense model it came from and walks the
-layers in forward order. Compaction keeps module paths, so a pruned layer and its dense original are
+layers in forward order (:func:`reconstruct_pruned`: the same for a model a pruner just compacted). Compaction keeps module paths, so a pruned layer and its dense original are
 found by path; which outputs a pruned layer kept comes from the dependency graph
 (:func:`kept_indices`), because matching weights by value is ambiguous exactly where it matters
 (zero and duplicated channels).
@@ -747,3 +747,18 @@ def _sweep(pruned, dense, batches, o: _Order, fit, bns, correct, keep, ridge, ma
                                  "after": max(normal.error(w), 0.0) ** 0.5 / y2 ** 0.5}
         folded.update(bn_names)  # fitted against the dense outputs: their statistics already match
     stats["dense_passes"] = targets.passes
+
+
+def reconstruct_pruned(model: nn.Module, dense: nn.Module, pruner, calib) -> dict:
+    """:func:`reconstruct` for a model just compacted by ``pruner`` (a
+    :class:`~hf_prune.engine.pruner.StructuredPruner`, whose graph says what each layer kept), with the
+    defaults; returns the summary a method records: layers re-fitted, BatchNorms corrected, seconds and
+    the mean relative layer-output error before and after."""
+    stats = reconstruct(model, dense, calib, keep=kept_indices(pruner.graph, pruner.removed))
+    errors = list(stats["layers"].values())
+
+    def mean(key):
+        return sum(float(e[key]) for e in errors) / len(errors) if errors else None
+
+    return {"layers": len(errors), "batchnorms": len(stats["batchnorms"]), "seconds": round(stats["seconds"], 2),
+            "mean_error_before": mean("before"), "mean_error_after": mean("after")}

@@ -9,6 +9,7 @@ from ...core.execution import eval_mode
 from ...core.inputs import batch_size, call_model, logits_of, split_batch
 from ...engine.importance import unit_scores
 from ...engine.pruner import StructuredPruner, with_repairs
+from ...engine.reconstruct import reconstruct_pruned
 from ...errors import ConfigError
 from .config import DepGraphConfig
 
@@ -35,7 +36,7 @@ def prune_depgraph(model: nn.Module, config: DepGraphConfig, *, example_inputs=N
 
     ``compact=False`` leaves masks (fixed shapes, for training); :func:`hf_prune.compact` removes them.
     With ``calib`` the default importance is ``"activation"`` and (unless ``config.reconstruct`` is False)
-    the compacted model is re-fitted towards the dense one (:func:`reconstruct_from_dense`).
+    the compacted model is re-fitted towards the dense one (:func:`~hf_prune.engine.reconstruct.reconstruct_pruned`).
     """
     kind = config.importance_kind(one_shot_with_calib=calib is not None)
     if kind in ("taylor", "activation") and calib is None:
@@ -61,7 +62,7 @@ def prune_depgraph(model: nn.Module, config: DepGraphConfig, *, example_inputs=N
     refitted: dict = {}
 
     def refit(pruner):  # inside the compaction's transaction: a failure here undoes the prune too
-        refitted.update(reconstruct_from_dense(model, dense, pruner, calib))
+        refitted.update(reconstruct_pruned(model, dense, pruner, calib))
 
     def attempt(pruner):  # a repair builds a new graph: data-aware scores are taken on each one
         scores = unit_scores(pruner.graph, "activation", calib=calib) if kind == "activation" else None
@@ -78,21 +79,3 @@ def prune_depgraph(model: nn.Module, config: DepGraphConfig, *, example_inputs=N
     if refitted:
         out["reconstruction"] = refitted
     return out
-
-
-def reconstruct_from_dense(model: nn.Module, dense: nn.Module, pruner: StructuredPruner, calib) -> dict:
-    """Re-fit the compacted ``model`` towards ``dense`` on ``calib`` (ridge least squares on the layers that
-    read pruned channels, BatchNorm means corrected downstream); returns a summary of the layer errors."""
-    from ...engine.reconstruct import kept_indices, reconstruct
-
-    keep = kept_indices(pruner.graph, pruner.removed)
-    stats = reconstruct(model, dense, calib, keep=keep)
-    errors = stats["layers"].values()
-    return {"layers": len(stats["layers"]), "batchnorms": len(stats["batchnorms"]),
-            "seconds": round(stats["seconds"], 2),
-            "mean_error_before": _mean(e["before"] for e in errors), "mean_error_after": _mean(e["after"] for e in errors)}
-
-
-def _mean(values) -> float | None:
-    values = [float(v) for v in values]
-    return sum(values) / len(values) if values else None

@@ -34,6 +34,8 @@ class StageWiseConfig(PruningConfig):
     proxy accuracy: ``population``, ``generations``); ``calib_batches`` (held-out batches scoring and
     calibrating candidates), ``max_latency_ms`` (optional measured budget); ``search_at_end``: the
     callback searches and extracts the subnet when training ends (else call ``StageWiseTrainer.search``).
+    ``reconstruct`` (one-shot ``prune(method="stagewise")``): re-fit the extracted subnet towards the full net
+    on the calibration batches, as DepGraph does (:mod:`hf_prune.engine.reconstruct`); default True.
     """
 
     method = "stagewise"
@@ -43,6 +45,7 @@ class StageWiseConfig(PruningConfig):
     round_to: int | None = 8
     importance: str = "l2"
     prune_stem: bool = False
+    reconstruct: bool = True
     ignored_layers: tuple = ()
     num_random: int = 2
     stages: str | tuple = "auto"

@@ -2,8 +2,11 @@
 being the full net that supervises the stage-wise search."""
 from __future__ import annotations
 
+import copy
+
 from torch import nn
 
+from ...engine.reconstruct import reconstruct_pruned
 from ...errors import ConfigError
 from .config import StageWiseConfig
 from .stage_search import search_stats, search_subnet
@@ -22,7 +25,9 @@ def prune_stagewise(model: nn.Module, config: StageWiseConfig, *, example_inputs
     paper's search without its supernet training (use :class:`StageWiseTrainer` with
     :class:`StageWiseCallback` for the method itself). Without labelled ``calib`` there is nothing to
     search with, so it is refused: data-free width pruning is ``method="depgraph"``.
-    Transactional: on failure the model is unchanged.
+    With ``config.reconstruct`` (default) the extracted subnet is re-fitted towards the full net on the
+    same batches (:func:`~hf_prune.engine.reconstruct.reconstruct_pruned`). Transactional: on failure the
+    model is unchanged.
     """
     if example_inputs is None:
         raise ConfigError("method 'stagewise' traces the model: pass example_inputs=")
@@ -31,6 +36,8 @@ def prune_stagewise(model: nn.Module, config: StageWiseConfig, *, example_inputs
                           "{'pixel_values', 'labels'} dicts or (x, y) pairs); for data-free width pruning use "
                           "method='depgraph'")
     c = config
+    refit = c.reconstruct and compact
+    dense = copy.deepcopy(model) if refit else None  # the full net, before BatchNorms are recalibrated
     sup = Supernet(model, example_inputs, ratios=c.ratios, round_to=c.round_to, importance=c.importance,
                    stages=c.stages if c.stages == "auto" else list(c.stages), num_stages=c.num_stages,
                    ignored_layers=c.ignored_layers, prune_stem=c.prune_stem, teacher=model, make_teacher=False)
@@ -39,13 +46,22 @@ def prune_stagewise(model: nn.Module, config: StageWiseConfig, *, example_inputs
     result = search_subnet(sup, c, batches, batches, target_macs=target, max_latency_ms=c.max_latency_ms,
                            example_inputs=example_inputs)
     saved = sup.bn_state()
+    refitted: dict = {}
     try:
         with sup.recalibrated(result.choice, batches, persist=True):
             pass
-        sup.pruner.apply(sup.space.removed(result.choice))
+        removed = sup.space.removed(result.choice)
+        if refit:  # compaction and re-fit in one transaction
+            sup.pruner.apply(removed, compacted=True,
+                             after=lambda p: refitted.update(reconstruct_pruned(model, dense, p, batches)))
+        else:
+            sup.pruner.apply(removed)
     except BaseException:
         sup.load_bn_state(saved)
         raise
-    if compact:
+    if compact and not refit:
         sup.pruner.compact()
-    return search_stats(sup, result)
+    stats = search_stats(sup, result)
+    if refitted:
+        stats["reconstruction"] = refitted
+    return stats
