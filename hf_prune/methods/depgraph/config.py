@@ -30,7 +30,8 @@ class DepGraphConfig(ScheduleConfig):
     needs ``calib=``), ``"activation"`` (one-shot with ``calib=`` only: how much removing a unit disturbs
     the outputs of the layers that read it, :func:`~hf_prune.engine.importance.activation_scores`); None
     (default): ``"activation"`` in one-shot pruning with ``calib=`` (with reconstruction it kept the most of a
-    pretrained EfficientNet-Lite1 at 90/80/70% of the MACs), else ``"l2"`` (:meth:`importance_kind`).
+    pretrained EfficientNet-Lite1 at 90/80/70% of the MACs, though its plans ran slower than L2's at the same
+    MACs), else ``"l2"`` (:meth:`importance_kind`).
     ``reconstruct`` (one-shot): re-fit the layers that read pruned channels by ridge least squares so their
     outputs match the dense model's on ``calib``, then correct the BatchNorm means downstream
     (:func:`~hf_prune.engine.reconstruct.reconstruct`); None (default) = on when ``calib=`` is given. ``mode``: ``"global"`` ranks all units by group-normalised importance, ``"local"``
