@@ -58,8 +58,11 @@ def prune(model: nn.Module, config: PruningConfig | str | dict | None = None, /,
     passed to the model) or an ``(x, y)`` pair; a list of one batch for one batch. Labels are needed by what
     computes a loss or an accuracy (``ovit``, ``stagewise``, Taylor); ``rd``'s distortion curves take bare
     input tensors too. Every method reads only the first few batches, so a whole training DataLoader is fine:
-    ``rd`` reads ``max_batches`` (default 16), ``ovit`` ``num_grads`` (default 64, one gradient per batch; a
-    shorter ``calib`` is read again), ``stagewise`` ``calib_batches`` (default 8), Taylor importance 8.
+    ``rd`` reads ``max_batches`` (default 16), ``ovit`` ``num_grads`` (default 256, one gradient per batch; a
+    shorter ``calib`` gives fewer gradients), ``stagewise`` ``calib_batches`` (default 8), Taylor importance 8.
+    Given to ``depgraph`` (and ``stagewise``), ``calib`` also re-fits the pruned layers towards the dense model
+    (``reconstruct=False`` skips it), and DepGraph's default importance becomes ``"activation"`` (data-aware):
+    the settings for a pretrained model.
     """
     config, stats = oneshot(model, config, method=method, example_inputs=example_inputs, calib=calib, **options)
     write_record(model, config, stats)
