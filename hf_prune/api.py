@@ -61,8 +61,7 @@ def prune(model: nn.Module, config: PruningConfig | str | dict | None = None, /,
     ``rd`` reads ``max_batches`` (default 16), ``ovit`` ``num_grads`` (default 256, one gradient per batch; a
     shorter ``calib`` gives fewer gradients), ``stagewise`` ``calib_batches`` (default 8), Taylor importance 8.
     Given to ``depgraph`` (and ``stagewise``), ``calib`` also re-fits the pruned layers towards the dense model
-    (``reconstruct=False`` skips it), and DepGraph's default importance becomes ``"activation"`` (data-aware):
-    the settings for a pretrained model.
+    (``reconstruct=False`` skips it): what keeps a pretrained model usable after one-shot pruning.
     """
     config, stats = oneshot(model, config, method=method, example_inputs=example_inputs, calib=calib, **options)
     write_record(model, config, stats)

@@ -87,10 +87,9 @@ class DepGraphCallback(ScheduledPruningCallback):
     # ------------------------------------------------------------------ protocol
     def prepare(self, model: nn.Module, example_inputs) -> None:
         c = self.config
-        kind = c.importance_kind(one_shot_with_calib=False)
-        self.pruner = StructuredPruner(model, example_inputs, importance="l2" if kind == "taylor" else kind,
-                                       mode=c.mode, round_to=c.round_to, ignored_layers=c.ignored_layers,
-                                       prune_stem=c.prune_stem)
+        self.pruner = StructuredPruner(model, example_inputs, importance="l2" if c.importance == "taylor"
+                                       else c.importance, mode=c.mode, round_to=c.round_to,
+                                       ignored_layers=c.ignored_layers, prune_stem=c.prune_stem)
         if c.target_latency is not None:  # measured once, on the dense model, before training
             o = c.latency_options()
             self._latency = self.pruner.latency_model(device=o["latency_device"], batch_size=o["latency_batch_size"],
@@ -138,8 +137,7 @@ class DepGraphCallback(ScheduledPruningCallback):
         """Raw importance per union-find root, on this process."""
         if self.config.importance == "taylor":
             return self._taylor / max(self._taylor_count, 1)
-        return unit_scores(self.pruner.graph, self.config.importance_kind(one_shot_with_calib=False),
-                           tensors=named_tensors(self.trained_model))
+        return unit_scores(self.pruner.graph, self.config.importance, tensors=named_tensors(self.trained_model))
 
     def prune_to(self, step: int, target: dict) -> bool:
         scores = sync_scores(self.compute_scores().double(), self.config.sync)

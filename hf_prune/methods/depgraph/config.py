@@ -28,14 +28,14 @@ class DepGraphConfig(ScheduleConfig):
     :mod:`hf_prune.engine.latency`).
     ``importance``: ``"l2"`` / ``"l1"`` group magnitude, ``"taylor"`` (first order ``|w·∂L/∂w|``; one-shot
     needs ``calib=``), ``"activation"`` (one-shot with ``calib=`` only: how much removing a unit disturbs
-    the outputs of the layers that read it, :func:`~hf_prune.engine.importance.activation_scores`); None
-    (default): ``"activation"`` in one-shot pruning with ``calib=`` (with reconstruction it kept the most of a
-    pretrained EfficientNet-Lite1 at 90/80/70% of the MACs, though its plans ran slower than L2's at the same
-    MACs), else ``"l2"`` (:meth:`importance_kind`).
+    the outputs of the layers that read it, :func:`~hf_prune.engine.importance.activation_scores`; on a
+    pretrained EfficientNet-Lite1 it beat ``"l2"`` with reconstruction, on Lite2 it lost, and its plans ran
+    slower at the same MACs).
     ``reconstruct`` (one-shot): re-fit the layers that read pruned channels by ridge least squares so their
     outputs match the dense model's on ``calib``, then correct the BatchNorm means downstream
-    (:func:`~hf_prune.engine.reconstruct.reconstruct`); None (default) = on when ``calib=`` is given. ``mode``: ``"global"`` ranks all units by group-normalised importance, ``"local"``
-    removes the same fraction of every group. ``round_to``: channel groups keep a multiple of it (None:
+    (:func:`~hf_prune.engine.reconstruct.reconstruct`); None (default) = on when ``calib=`` is given.
+    ``mode``: ``"global"`` ranks all units by group-normalised importance, ``"local"`` removes the same
+    fraction of every group. ``round_to``: channel groups keep a multiple of it (None:
     no rounding; ``"measured"`` with ``target_latency``: the fastest nearby width by timing). ``prune_stem``: also prune the stem's output channels (a ViT's embedding width).
     ``ignored_layers``: module names whose output channels stay.
     Training only: the schedule fields (:class:`~hf_prune.config.ScheduleConfig`), ``compact_at_end``,
@@ -54,7 +54,7 @@ class DepGraphConfig(ScheduleConfig):
     latency_device: str | None = None
     latency_batch_size: int = 1
     latency_dtype: str | None = None
-    importance: str | None = None
+    importance: str = "l2"
     reconstruct: bool | None = None
     mode: str = "global"
     round_to: int | None = 8
@@ -82,8 +82,7 @@ class DepGraphConfig(ScheduleConfig):
             check_choice("latency_dtype", self.latency_dtype, LATENCY_DTYPES)
         if self.round_to == MEASURED and self.target_latency is None:
             raise ConfigError(f"round_to={MEASURED!r} picks widths by timing them, so it needs target_latency=")
-        if self.importance is not None:
-            check_choice("importance", self.importance, IMPORTANCES)
+        check_choice("importance", self.importance, IMPORTANCES)
         if self.reconstruct not in (None, True, False):
             raise ConfigError(f"reconstruct={self.reconstruct!r} must be True, False or None (on when calib= is given)")
         check_choice("mode", self.mode, MODES)
@@ -99,12 +98,6 @@ class DepGraphConfig(ScheduleConfig):
     @property
     def target_kind(self) -> str:
         return next(k for k in TARGETS if getattr(self, k) is not None)
-
-    def importance_kind(self, *, one_shot_with_calib: bool) -> str:
-        """The importance used: the field, or its default for the path (see the class docstring)."""
-        if self.importance is not None:
-            return self.importance
-        return "activation" if one_shot_with_calib else "l2"
 
     def latency_options(self) -> dict:
         """How the latency target is measured (the engine's ``latency_*`` arguments)."""

@@ -35,14 +35,13 @@ def prune_depgraph(model: nn.Module, config: DepGraphConfig, *, example_inputs=N
     """Prune ``model`` in place to ``config``'s target; returns parameter and MAC counts before/after.
 
     ``compact=False`` leaves masks (fixed shapes, for training); :func:`hf_prune.compact` removes them.
-    With ``calib`` the default importance is ``"activation"`` and (unless ``config.reconstruct`` is False)
-    the compacted model is re-fitted towards the dense one (:func:`~hf_prune.engine.reconstruct.reconstruct_pruned`).
+    With ``calib`` (and ``config.reconstruct`` not False) the compacted model is re-fitted towards the
+    dense one (:func:`~hf_prune.engine.reconstruct.reconstruct_pruned`).
     """
-    kind = config.importance_kind(one_shot_with_calib=calib is not None)
-    if kind in ("taylor", "activation") and calib is None:
-        need = "gradients (labelled batches)" if kind == "taylor" else "layer inputs (any model inputs)"
-        raise ConfigError(f"importance={kind!r} needs {need}: pass calib=")
-    if kind == "taylor":
+    if config.importance in ("taylor", "activation") and calib is None:
+        need = "gradients (labelled batches)" if config.importance == "taylor" else "layer inputs (any model inputs)"
+        raise ConfigError(f"importance={config.importance!r} needs {need}: pass calib=")
+    if config.importance == "taylor":
         taylor_gradients(model, calib, loss_fn)
     refit_wanted = config.reconstruct if config.reconstruct is not None else (calib is not None and compact)
     if refit_wanted and (calib is None or not compact):
@@ -51,7 +50,7 @@ def prune_depgraph(model: nn.Module, config: DepGraphConfig, *, example_inputs=N
     dense = copy.deepcopy(model) if refit_wanted else None
 
     def build(frozen_modules, frozen_splits):
-        return StructuredPruner(model, example_inputs, importance=kind, mode=config.mode,
+        return StructuredPruner(model, example_inputs, importance=config.importance, mode=config.mode,
                                 round_to=config.round_to, ignored_layers=config.ignored_layers,
                                 prune_stem=config.prune_stem, frozen_modules=frozen_modules,
                                 frozen_splits=frozen_splits)
@@ -65,7 +64,7 @@ def prune_depgraph(model: nn.Module, config: DepGraphConfig, *, example_inputs=N
         refitted.update(reconstruct_pruned(model, dense, pruner, calib))
 
     def attempt(pruner):  # a repair builds a new graph: data-aware scores are taken on each one
-        scores = unit_scores(pruner.graph, "activation", calib=calib) if kind == "activation" else None
+        scores = unit_scores(pruner.graph, "activation", calib=calib) if config.importance == "activation" else None
         pruner.step(**target, scores=scores, compacted=compact, after=refit if refit_wanted else None)
 
     pruner = with_repairs(model, build, attempt)
