@@ -118,6 +118,31 @@ def write_results(stem: str, markdown: str, data: Any, directory: Path | None = 
     return md, js
 
 
+def run_parts(stem: str, parts: Mapping[str, Callable], args, compose: Callable[[dict], str],
+              cache: str | None = None) -> dict:
+    """Run each named part (``parts[name](args)``, in the order of ``args.parts``) and keep every part's result,
+    with its environment and arguments, in a JSON cache, so parts can run in separate processes.
+
+    The default cache is ``results/<stem>.json``: the Markdown is then re-composed from every part recorded so
+    far and both files are written; another ``cache`` only prints it. Paths are recorded relative to the
+    repository (results must not name the machine they ran on)."""
+    default = RESULTS / f"{stem}.json"
+    path = Path(cache) if cache else default
+    data = json.loads(path.read_text()) if path.exists() else {"runs": {}}
+    recorded = json.loads(json.dumps(vars(args), default=str))
+    recorded.pop("cache", None)
+    for name in args.parts:
+        env = env_info()
+        result = parts[name](args)
+        data["runs"][name] = {"env": env, "args": recorded, "result": result}
+        path.write_text(json.dumps(data, indent=1, default=str) + "\n")
+    if path.resolve() == default.resolve():
+        write_results(stem, compose(data), data)
+    else:
+        print(compose(data))
+    return data
+
+
 def md_table(columns: list[str], rows: list[list]) -> str:
     out = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
     for r in rows:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import sys
 import time
 from pathlib import Path
@@ -27,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import RESULTS, env_info, header_md, md_table, write_results  # noqa: E402
+from benchmarks.common import env_info, header_md, md_table, run_parts  # noqa: E402
 from hf_prune.methods.ovit import obs  # noqa: E402
 from hf_prune.methods.ovit.recipe import calibration_batches  # noqa: E402
 from hf_prune.sparse.masks import WeightMasks, prunable_layers  # noqa: E402
@@ -146,22 +145,10 @@ def main(argv=None) -> None:
     p.add_argument("--sparsities", nargs="+", type=float, default=[0.7, 0.9])
     p.add_argument("--configs", nargs="+", type=_config, default=[(64, 64), (128, 256), (192, 1024)],
                    help="B,m pairs")
-    p.add_argument("--cache", default=str(RESULTS / "ovit_defaults.json"))
+    p.add_argument("--cache", help="results of earlier parts, re-used (default: results/ovit_defaults.json)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    cache_path = Path(args.cache)
-    cache = json.loads(cache_path.read_text()) if cache_path.exists() else {"runs": {}}
-    for part in args.parts:
-        env = env_info()
-        result = {"digits": part_digits, "memory": part_memory}[part](args)
-        cache["runs"][part] = {"env": env, "args": {k: (str(v) if k == "configs" else v) for k, v in vars(args).items()},
-                               "result": result}
-        cache_path.write_text(json.dumps(cache, indent=1, default=str) + "\n")
-    if cache_path.resolve() == (RESULTS / "ovit_defaults.json").resolve():
-        write_results("ovit_defaults", compose(cache), cache)
-    else:
-        print(compose(cache))
-
+    run_parts("ovit_defaults", {"digits": part_digits, "memory": part_memory}, args, compose, cache=args.cache)
 
 if __name__ == "__main__":
     main()

@@ -39,7 +39,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import RESULTS, env_info, header_md, md_table, write_results  # noqa: E402
+from benchmarks.common import env_info, header_md, md_table, run_parts  # noqa: E402
 from hf_prune.methods.rd import curves as rd  # noqa: E402
 from hf_prune.sparse.allocation import allocate_global, allocate_lamp  # noqa: E402
 from hf_prune.sparse.masks import WeightMasks, prunable_layers, select_magnitude  # noqa: E402
@@ -241,23 +241,20 @@ def main(argv=None) -> None:
     p.add_argument("--before-layers", type=int, default=3)
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
                    help="run the models in channels_last (the fast layout for CPU convolutions)")
-    p.add_argument("--cache", default=str(RESULTS / "rd_speed.json"), help="results of earlier parts, re-used")
+    p.add_argument("--cache", help="results of earlier parts, re-used (default: results/rd_speed.json)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    cache_path = Path(args.cache)
-    cache = json.loads(cache_path.read_text()) if cache_path.exists() else {"runs": {}}
-    for part in args.parts:
-        env = env_info()
-        result = {"effnet": part_effnet, "resnet50": part_resnet50, "tinyvit": part_tinyvit}[part](args)
-        print(f"[{part}] " + json.dumps({k: v for k, v in result.items() if k != "allocation"}, default=str),
-              flush=True)
-        cache["runs"][part] = {"env": env, "args": vars(args), "result": result}
-        cache_path.write_text(json.dumps(cache, indent=1, default=str) + "\n")
-    if cache_path.resolve() == (RESULTS / "rd_speed.json").resolve():
-        write_results("rd_speed", compose(cache), cache)
-    else:
-        print(compose(cache))
 
+    def announced(name, run):
+        def part(a):
+            result = run(a)
+            print(f"[{name}] " + json.dumps({k: v for k, v in result.items() if k != "allocation"}, default=str),
+                  flush=True)
+            return result
+        return part
+
+    parts = {"effnet": part_effnet, "resnet50": part_resnet50, "tinyvit": part_tinyvit}
+    run_parts("rd_speed", {n: announced(n, f) for n, f in parts.items()}, args, compose, cache=args.cache)
 
 if __name__ == "__main__":
     main()

@@ -263,7 +263,8 @@ def test_pickled_weights_are_refused_with_the_fix(tmp_path):
     model = _pruned("vit")
     save_pretrained(model, tmp_path, card=False)
     (tmp_path / "model.safetensors").unlink()
-    torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")  # writing a pickle is fine; loading is not
+    # only the file's presence matters: the loader refuses it by name and never reads it (no pickle is written)
+    (tmp_path / "pytorch_model.bin").write_bytes(b"not read")
     with pytest.raises(SpecError, match=r"only pickled weights \(pytorch_model\.bin\).*re-save it with safetensors"):
         AutoPrunedModel.from_pretrained(tmp_path)
     with pytest.raises(SpecError, match="safetensors weights only"):
