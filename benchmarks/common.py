@@ -143,6 +143,11 @@ def run_parts(stem: str, parts: Mapping[str, Callable], args, compose: Callable[
     return data
 
 
+def mean_std(xs) -> str:
+    """``"mean ± std"`` of repeated runs (std 0 for one run), four decimals."""
+    return f"{statistics.mean(xs):.4f} ± {statistics.stdev(xs) if len(xs) > 1 else 0.0:.4f}"
+
+
 def md_table(columns: list[str], rows: list[list]) -> str:
     out = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
     for r in rows:

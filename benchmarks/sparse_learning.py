@@ -37,7 +37,7 @@ if __package__ in (None, ""):
 import torch
 from torch import nn
 
-from benchmarks.common import env_info, header_md, md_table, write_results
+from benchmarks.common import env_info, header_md, md_table, mean_std, write_results
 from benchmarks.stagewise_evidence import build_model, train_ce
 
 VARIANTS = {"w/o SL": ("squared", 0.0)}
@@ -136,10 +136,6 @@ def main(argv=None) -> dict:
     return data
 
 
-def _ms(xs) -> str:
-    return f"{statistics.mean(xs):.4f} ± {statistics.stdev(xs) if len(xs) > 1 else 0.0:.4f}"
-
-
 def render(d: dict) -> str:
     a = d["args"]
     notes = [
@@ -156,7 +152,7 @@ def render(d: dict) -> str:
     md = header_md("DepGraph sparse learning: with vs without, same budget (real MNIST)", d["info"], notes)
     rows = []
     for name, runs in d["results"].items():
-        rows.append([name] + [_ms([r[k] for r in runs]) for k in ("after_sl", "after_prune", "after_ft")]
+        rows.append([name] + [mean_std([r[k] for r in runs]) for k in ("after_sl", "after_prune", "after_ft")]
                     + [f"{statistics.mean(r['pruned_mass_share'] for r in runs):.4f}",
                        f"{runs[0]['macs_ratio']:.3f}", ", ".join(f"{r['after_ft']:.4f}" for r in runs)])
     md += "\n## Held-out accuracy (mean ± std over seeds)\n\n"

@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import copy
 import math
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -46,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from benchmarks.common import env_info, header_md, md_table, write_results
+from benchmarks.common import env_info, header_md, md_table, mean_std, write_results
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # timm's data config for efficientnet_lite1
 TEST_PHOTOS = ("chelsea", "coffee", "astronaut")
@@ -225,10 +224,6 @@ def main(argv=None) -> dict:
     return data
 
 
-def _ms(xs) -> str:
-    return f"{statistics.mean(xs):.4f} ± {statistics.stdev(xs) if len(xs) > 1 else 0.0:.4f}"
-
-
 def render(d: dict) -> str:
     a = d["args"]
     notes = [
@@ -257,7 +252,7 @@ def render(d: dict) -> str:
                 for name, r in d["results"]["one-shot"].items()]
         for name, runs in d["results"]["runs"].items():
             rs = [r[split] for r in runs]
-            rows.append([f"{name}, {a['steps']} steps", _ms([r["agreement"] for r in rs]), _ms([r["kl"] for r in rs]),
+            rows.append([f"{name}, {a['steps']} steps", mean_std([r["agreement"] for r in rs]), mean_std([r["kl"] for r in rs]),
                          ", ".join(f"{r['agreement']:.4f} / {r['kl']:.4f}" for r in rs)])
         md += f"\n## Fidelity on {split}\n\n"
         md += md_table(["variant", "top-1 agreement with dense", "KL(dense ‖ pruned)", "per seed (agreement / KL)"],

@@ -38,6 +38,8 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
+from .checks import check_choice, check_fraction, check_int, check_sparsity
+
 __all__ = [
     "KINDS",
     "SCHEDULES",
@@ -316,8 +318,6 @@ def make_schedule(name: str = "cubic", *, target_macs: float | None = None, spar
     prunable parameters to remove at the end, in [0, 1)). ``initial`` is the amount pruned at ``start``
     (for ``linear``/``cubic``/``geometric``); ``rounds``: pruning steps of ``geometric`` only.
     """
-    from .checks import check_fraction, check_sparsity
-
     if name not in SCHEDULES:
         raise ValueError(f"schedule={name!r} is not one of {sorted(SCHEDULES)}")
     given = {k: v for k, v in (("target_macs", target_macs), ("sparsity", sparsity),
@@ -363,8 +363,6 @@ def restart_lr_lambda(prune_steps: Sequence[int], total_steps: int, *, decay: st
     ``warmup_steps`` (capped at ``L``) from ``min_ratio`` to 1, then decays to ``min_ratio`` at the
     cycle's end: ``"linear"``, ``"cosine"`` or ``"constant"`` (stays at 1).
     """
-    from .checks import check_choice, check_fraction, check_int
-
     check_choice("decay", decay, DECAYS)
     min_ratio = check_fraction("min_ratio", min_ratio, closed_low=True, meaning="the multiplier at a cycle's end")
     total_steps = check_int("total_steps", total_steps)

@@ -70,5 +70,6 @@ class LRRestartsCallback(TrainerCallback):
         step = lr_scheduler.last_epoch  # the current step (restored on resume)
         for group, base in zip(lr_scheduler.optimizer.param_groups, lr_scheduler.base_lrs):
             group["lr"] = base * fn(step)
+        # get_last_lr() (what the Trainer logs) reads this cache; LambdaLR offers no public way to refresh it
         lr_scheduler._last_lr = [g["lr"] for g in lr_scheduler.optimizer.param_groups]
 
