@@ -54,6 +54,7 @@ _EXPORTS = {
     # recovery of pretrained models
     "recover": "hf_prune.recovery",
     "dense_teacher": "hf_prune.recovery",
+    "reconstruct": "hf_prune.engine.reconstruct",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -217,6 +217,30 @@ class _BatchViews:
                 raise ConfigError("recover: images= is an empty iterable")
 
 
+def _mixed(inputs, alpha: float, g: torch.Generator):
+    """Mixup of the pixel tensor: each view blended with another view of the batch, weight ~ Beta(α, α).
+
+    Teacher and student see the same blend, so the student matches the teacher's function between
+    images too, which a few photos alone do not cover."""
+    if alpha <= 0:
+        return inputs
+    key = None
+    x = inputs
+    if isinstance(inputs, Mapping):
+        key = "pixel_values" if "pixel_values" in inputs else next(iter(inputs))
+        x = inputs[key]
+    if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[0] < 2:
+        return inputs
+    import numpy as np
+
+    # torch's Beta sampler takes no generator; numpy's, seeded from ours, keeps runs reproducible
+    rng = np.random.default_rng(int(torch.randint(0, 2 ** 31 - 1, (1,), generator=g)))
+    lam = torch.from_numpy(rng.beta(alpha, alpha, size=x.shape[0])).to(x.device, x.dtype).view(-1, 1, 1, 1)
+    partner = torch.randperm(x.shape[0], generator=g)
+    mixed = lam * x + (1 - lam) * x[partner.to(x.device)]
+    return mixed if key is None else dict(inputs, **{key: mixed})
+
+
 def _enforce_masks(model: nn.Module) -> None:
     from .engine.masks import get_mask
     from .sparse.masks import get_weight_masks
@@ -231,7 +255,7 @@ def _enforce_masks(model: nn.Module) -> None:
 def recover(model: nn.Module, teacher: nn.Module, images, *, steps: int = 300, lr: float = 1e-4,
             batch_size: int = 32, augment: bool = True, temperature: float = 1.0, size=None, mean=None, std=None,
             scale=(0.25, 1.0), weight_decay: float = 0.0, warmup: float = 0.05, optimizer: str = "adamw",
-            train_batchnorm: bool = False, seed: int = 0, progress: bool = True) -> dict:
+            train_batchnorm: bool = False, mixup: float = 0.0, seed: int = 0, progress: bool = True) -> dict:
     """Distil ``teacher`` into ``model`` (in place) on unlabeled ``images``; returns stats.
 
     images: a ``(N, 3, H, W)`` tensor, a list of ``(3, H, W)`` tensors or a folder of image files
@@ -241,8 +265,9 @@ def recover(model: nn.Module, teacher: nn.Module, images, *, steps: int = 300, l
     whole images. AdamW with ``lr``, ``weight_decay``, linear warm-up over ``warmup`` of the steps and
     cosine decay. The model runs in eval mode (dropout off, BatchNorm statistics frozen: a few hundred
     batches of a few photos would otherwise overwrite statistics estimated on the training set) unless
-    ``train_batchnorm=True``, which lets BatchNorms update their statistics. Weight and structured
-    masks are enforced after every step.
+    ``train_batchnorm=True``, which lets BatchNorms update their statistics. ``mixup=α > 0`` blends
+    each view with another one of its batch (weight ~ Beta(α, α)) before both models see it. Weight and
+    structured masks are enforced after every step.
 
     Returns ``{"steps", "loss_first", "loss_last" (mean of the last 10 steps), "seconds"}``.
     """
@@ -252,6 +277,7 @@ def recover(model: nn.Module, teacher: nn.Module, images, *, steps: int = 300, l
     temperature = check_number("temperature", temperature, positive=True)
     weight_decay = check_number("weight_decay", weight_decay, minimum=0.0)
     warmup = check_fraction("warmup", warmup, closed_low=True, meaning="fraction of the steps spent warming up")
+    mixup = check_number("mixup", mixup, minimum=0.0, meaning="the Beta(α, α) parameter of mixup; 0 turns it off")
     if not (0 < scale[0] <= scale[1] <= 1):
         raise ConfigError(f"scale={scale!r} must be (low, high) area fractions with 0 < low <= high <= 1")
     g = torch.Generator().manual_seed(seed)
@@ -285,7 +311,7 @@ def recover(model: nn.Module, teacher: nn.Module, images, *, steps: int = 300, l
     losses, started = [], time.perf_counter()
     try:
         for _, inputs in zip(bar(range(steps), desc="recover", disable=None if progress else True), views):
-            inputs = to_device(inputs, device)
+            inputs = to_device(_mixed(inputs, mixup, g), device)
             with torch.no_grad():
                 target = logits_of(call_model(teacher, inputs))
             loss = distillation_loss(logits_of(call_model(model, inputs)), target, temperature=temperature)

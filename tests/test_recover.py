@@ -46,11 +46,12 @@ def test_distillation_raises_agreement_without_labels():
     assert not model.training  # modes given back
 
 
-def test_recover_from_a_dataloader_of_preprocessed_batches():
+@pytest.mark.parametrize("mixup", [0.0, 0.4])
+def test_recover_from_a_dataloader_of_preprocessed_batches(mixup):
     model, dense, train, val = _pruned()
     before = _agreement(model, dense, val.pixel_values)
     hf_prune.recover(model, dense, make_loader(train, batch_size=64, shuffle=True), steps=30, lr=3e-3,
-                     scale=(0.6, 1.0), progress=False)
+                     scale=(0.6, 1.0), mixup=mixup, progress=False)
     assert _agreement(model, dense, val.pixel_values) > before + 0.3
 
 
@@ -84,6 +85,20 @@ def test_views_and_loss():
     assert float(distillation_loss(logits, -logits)) > 0.1
 
 
+def test_mixup_blends_views_of_the_batch_reproducibly():
+    from hf_prune.recovery import _mixed
+
+    x = torch.rand(6, 3, 4, 4)
+    a = _mixed(x, 0.4, torch.Generator().manual_seed(3))
+    assert torch.equal(a, _mixed(x, 0.4, torch.Generator().manual_seed(3)))
+    assert not torch.equal(a, x) and float(a.min()) >= float(x.min()) and float(a.max()) <= float(x.max())
+    same = torch.rand(1, 3, 4, 4).expand(6, -1, -1, -1)
+    torch.testing.assert_close(_mixed(same, 0.4, torch.Generator().manual_seed(3)), same)  # blends of one image
+    blended = _mixed({"pixel_values": x, "other": 1}, 0.4, torch.Generator().manual_seed(3))
+    assert torch.equal(blended["pixel_values"], a) and blended["other"] == 1
+    assert _mixed(x, 0.0, torch.Generator()) is x
+
+
 def test_images_from_a_folder(tmp_path):
     from PIL import Image
 
@@ -105,6 +120,8 @@ def test_bad_inputs_are_refused(tmp_path):
         hf_prune.recover(model, dense, _raw(train)[:8], steps=1)
     with pytest.raises(ConfigError, match="no image files"):
         hf_prune.recover(model, dense, str(tmp_path), steps=1, size=8, mean=train.mean, std=train.std)
+    with pytest.raises(ConfigError, match="mixup"):
+        hf_prune.recover(model, dense, _raw(train)[:8], steps=1, size=8, mean=train.mean, std=train.std, mixup=-1.0)
     with pytest.raises(ConfigError, match="steps"):
         hf_prune.recover(model, dense, _raw(train)[:8], steps=0, size=8, mean=train.mean, std=train.std)
 

@@ -18,6 +18,13 @@ found by path; which outputs a pruned layer kept comes from the dependency graph
   A depthwise conv (or a grouped conv that lost whole groups) lost whole channels, not inputs: it has
   nothing to re-fit (``layers="all"`` re-fits every Conv/Linear after the first change anyway, to
   counter the drift of its inputs).
+* A **weight-pruned** layer (a model carrying :class:`~hf_prune.sparse.masks.WeightMasks`) keeps its
+  shape but lost individual weights: the same objective is minimised over its kept weights only, the
+  pruned ones held at exactly zero. Solving each output row's own system would cost a factorisation
+  per row, so the pruned weights are removed one input column at a time from the unconstrained
+  solution, each removal compensated on the later columns by the Optimal Brain Surgeon update read
+  off the Cholesky factor of the inverse Gram matrix (the column-sequential scheme SparseGPT uses for
+  LLMs); exact for a row whose pruned weights come first, near-optimal otherwise.
 * A layer without bias whose output goes straight into a BatchNorm is fitted with an intercept too,
   which the BN absorbs exactly (BN(Wx + b) with running mean m is BN(Wx) with mean m − b). Such a BN
   then sees what the dense BN saw, up to the fit's residual; its variance is deliberately left alone:
@@ -75,6 +82,7 @@ LAYER_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d)
 BN_MODES = ("mean", "moments", "recalibrate", None)
 _SELF_CHECK_TOL = 1e-3  # relative; float32 convs agree to ~1e-6, a different computation does not
 _UNFOLD_ELEMENTS = 1 << 24  # images are unfolded in chunks of at most this many elements
+_OBS_BLOCK = 128  # columns whose OBS updates are applied one by one before one matmul updates the rest
 
 
 def kept_indices(graph, removed) -> dict[str, dict[int, torch.Tensor]]:
@@ -216,21 +224,57 @@ class _Normal:
         cross = torch.einsum("god,gdo->", w, self.C)
         return float(quad - 2 * cross + self.syy.sum())
 
-    def solve(self, w0: torch.Tensor, ridge: float) -> torch.Tensor:
+    def solve(self, w0: torch.Tensor, ridge: float, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """Ridge solution pulled towards ``w0``; with ``keep`` ((G, O/G, D) bool), every output row is
+        fitted on its kept weights only and its other weights stay exactly zero."""
         diag = torch.diagonal(self.H, dim1=1, dim2=2)
         lam = ridge * diag.mean(dim=1).clamp_min(1e-12)  # per group, relative to the input scale
+        if keep is not None:
+            return self._solve_masked(w0, lam, keep)
         eye = torch.eye(self.H.shape[1], dtype=self.H.dtype, device=self.H.device)
         A = self.H + lam[:, None, None] * eye
         B = self.C + lam[:, None, None] * w0.transpose(1, 2)
-        chol, info = torch.linalg.cholesky_ex(A)
-        sol = torch.cholesky_solve(B, chol) if not bool(info.any()) else torch.linalg.lstsq(A, B).solution
-        return sol.transpose(1, 2)
+        return _spd_solve(A, B).transpose(1, 2)
+
+    def _solve_masked(self, w0: torch.Tensor, lam: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        # The objective is the quadratic (W − W*) A (W − W*)^T per row, W* its unconstrained minimum. Exact
+        # per-row solves cost a D×D factorisation per output row (hours for a 3x3 conv with 512 inputs), so
+        # the pruned weights are zeroed one column at a time, each removal compensated on the columns
+        # to its right by the Optimal Brain Surgeon update; the upper Cholesky factor U of A⁻¹ gives all
+        # of those updates (row j of U restricted to j.. is the OBS direction once columns < j are fixed).
+        # A row that keeps everything ends at W* exactly; the others at a near-optimal point.
+        g, og, d = w0.shape
+        eye = torch.eye(d, dtype=self.H.dtype, device=self.H.device)
+        A = self.H + lam[:, None, None] * eye
+        w = _spd_solve(A, self.C + lam[:, None, None] * w0.transpose(1, 2)).transpose(1, 2).clone()
+        U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(A)), upper=True)  # (G, D, D)
+        drop = ~keep.to(self.H.device)
+        for b0 in range(0, d, _OBS_BLOCK):  # updates inside a block column by column, then the rest at once
+            b1 = min(b0 + _OBS_BLOCK, d)
+            if not bool(drop[:, :, b0:b1].any()):
+                continue
+            wb, ub = w[:, :, b0:b1].clone(), U[:, b0:b1, b0:b1]
+            errs = torch.zeros_like(wb)
+            for i in range(b1 - b0):
+                rows = drop[:, :, b0 + i]
+                errs[:, :, i] = torch.where(rows, wb[:, :, i] / ub[:, i, i][:, None], torch.zeros_like(wb[:, :, i]))
+                wb[:, :, i:] -= errs[:, :, i:i + 1] * ub[:, None, i, i:]
+                wb[:, :, i] = torch.where(rows, torch.zeros_like(wb[:, :, i]), wb[:, :, i])
+            w[:, :, b0:b1] = wb
+            w[:, :, b1:] -= torch.einsum("goi,gie->goe", errs, U[:, b0:b1, b1:])
+        return w
 
     def moments(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per output channel: mean and mean square of ``X w^T`` (the pruned layer's outputs)."""
         mean = torch.einsum("god,gd->go", w, self.sx).reshape(-1) / self.rows
         sq = torch.einsum("god,gde,goe->go", w, self.H, w).reshape(-1) / self.rows
         return mean, sq
+
+
+def _spd_solve(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """A⁻¹B for (batched) symmetric positive definite A; least squares where Cholesky fails."""
+    chol, info = torch.linalg.cholesky_ex(A)
+    return torch.cholesky_solve(B, chol) if not bool(info.any()) else torch.linalg.lstsq(A, B).solution
 
 
 # ----------------------------------------------------------------------------------------- passes
@@ -548,7 +592,7 @@ def _fit_layer(name, pruned, runner, targets, ridge, fold_into=None):
                               "convolution/linear map of its weights; left as it was", stacklevel=3)
                 return None
             normal.add(X, Y, intercept)
-    w = normal.solve(w0, ridge)
+    w = normal.solve(w0, ridge, _kept_weights(pruned, name, w0))
     with torch.no_grad():
         din = w.shape[2] - (1 if intercept else 0)
         pm.weight.copy_(w[:, :, :din].reshape(pm.weight.shape).to(pm.weight.dtype))
@@ -558,6 +602,20 @@ def _fit_layer(name, pruned, runner, targets, ridge, fold_into=None):
             mean = fold_into.running_mean
             mean.copy_((mean.double() - w[:, :, din].reshape(-1)).to(mean.dtype))
     return normal, w0, w
+
+
+def _kept_weights(pruned: nn.Module, name: str, w0: torch.Tensor) -> torch.Tensor | None:
+    """(G, O/G, D) keep-mask of a weight-pruned layer in ``w0``'s layout (bias / intercept kept), or None."""
+    from ..sparse.masks import get_weight_masks
+
+    masks = get_weight_masks(pruned)
+    if masks is None or name not in masks or bool(masks[name].all()):
+        return None
+    g, og, d = w0.shape
+    keep = masks[name].reshape(g, og, -1)
+    if keep.shape[2] < d:
+        keep = torch.cat([keep, keep.new_ones(g, og, d - keep.shape[2])], dim=2)
+    return keep
 
 
 def _self_check(X, y_rows, rows, w0, intercept) -> bool:
@@ -618,7 +676,8 @@ def reconstruct(pruned: nn.Module, dense: nn.Module, calib, *, keep: dict | None
     calib: a tensor of model inputs (split into batches of 32) or an iterable of batches (tensors,
     ``(inputs, labels)`` or dicts such as ``{"pixel_values": x}``); the first ``max_batches`` are used.
     keep: ``{tensor name: {dim: kept indices}}`` from :func:`kept_indices` (needed for every layer
-    and BN whose outputs were pruned). layers: ``"consumers"`` (layers whose inputs were pruned),
+    and BN whose outputs were pruned). layers: ``"consumers"`` (layers whose inputs were pruned, and
+    the weight-masked layers that lost weights),
     ``"all"`` (every Conv/Linear from the first consumer on) or a list of module paths.
     ridge: the ridge strength relative to the mean diagonal of ``X^T X``. bn: ``"correct"``,
     ``"recalibrate"`` or ``None`` (see the module docstring). max_rows: rows (tokens or output
@@ -665,8 +724,16 @@ def reconstruct(pruned: nn.Module, dense: nn.Module, calib, *, keep: dict | None
     return stats
 
 
+def _masked_layers(pruned: nn.Module) -> list[str]:
+    """Layers of a weight-pruned model that lost weights (their kept weights are re-fitted)."""
+    from ..sparse.masks import get_weight_masks
+
+    masks = get_weight_masks(pruned)
+    return [] if masks is None else [n for n in masks.layers if not bool(masks[n].all())]
+
+
 def _layers_to_fit(pruned, dense, order, layers) -> list[str]:
-    consumers = consumer_layers(pruned, dense)
+    consumers = list(dict.fromkeys(consumer_layers(pruned, dense) + [n for n in _masked_layers(pruned) if n in order]))
     if isinstance(layers, str) and layers == "consumers":
         chosen = consumers
     elif isinstance(layers, str) and layers == "all":
