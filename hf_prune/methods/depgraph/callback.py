@@ -55,9 +55,9 @@ class DepGraphCallback(ScheduledPruningCallback):
       (``w − lr·(∇L + 2λγw)``); under momentum or Adam-type optimizers it is not. Use it with
       **Adam / AdamW** (the transformers Trainer's default): there the gradient form is divided by
       Adam's running gradient scale, so on a pretrained model, whose task gradient is tiny, every
-      penalised weight moves by about ``lr`` per step whatever λ is (a measured collapse is in
-      ``benchmarks/results/sparse_learning_pretrained.md``); decoupled, the shrink per step is
-      ``lr · 2λγ_k`` as with SGD. The callback reads the learning rates from the optimizer the Trainer
+      penalised weight moves by about ``lr`` per step whatever λ is; decoupled, the shrink per step is
+      ``lr · 2λγ_k`` as with SGD, so λ keeps its meaning (pretrained EfficientNet-Lite1 with AdamW:
+      ``benchmarks/results/sparse_learning_pretrained.md``). The callback reads the learning rates from the optimizer the Trainer
       passes, or from ``cb.pre_optimizer_step(optimizer)`` in a plain loop (without one it raises).
       With a gradient form and an Adam-type optimizer it warns once.
     * ``"lasso"``: a weighted group lasso ``λ Σ_k γ_k ||w_k||₂`` (gradient ``λ γ_k w / ||w_k||``, added
