@@ -62,6 +62,7 @@ def removed_values(model, cb):
     (dict(target_macs=0.5, frequency=0), "frequency=0"),
     (dict(target_macs=0.5, importance="hessian"), "importance='hessian'"),
     (dict(target_macs=0.5, group_sparsity=-1.0), "group_sparsity=-1.0"),
+    (dict(target_macs=0.5, sparse_penalty="decoupled"), "sparse_penalty='decoupled' is not one of"),
     (dict(target_macs=0.5, sync="gather"), "sync='gather'"),
 ])
 def test_argument_errors(kwargs, match):
@@ -190,6 +191,138 @@ def test_group_sparsity_gradient_is_weighted_group_penalty(penalty):
     imp = imp.detach()
     c = lambda u: float(torch.tensor(2.0) ** (alpha * (imp.max() - imp[u]) / (imp.max() - imp.min())))  # noqa: E731
     assert c(int(imp.argmin())) == pytest.approx(2 ** alpha) and c(int(imp.argmax())) == pytest.approx(1.0)
+
+
+def _unit_coefficients(model, graph, lam, alpha):
+    """``2λγ_u`` per union-find root, from the paper's formula (independent of the callback's code)."""
+    params = dict(model.named_parameters())
+    sq = torch.zeros(graph.trace.uf.size, dtype=torch.float64)
+    for m in graph.members:
+        if m.tensor in params:
+            w = params[m.tensor].detach().double()
+            dims = [d for d in range(w.dim()) if d != m.dim]
+            sq = sq.index_add(0, m.units, (w ** 2).sum(dim=dims) if dims else w ** 2)
+    coef = torch.zeros_like(sq)
+    for grp in graph.groups:
+        imp = sq[grp.units]
+        coef[grp.units] = 2 * lam * 2.0 ** (alpha * (imp.max() - imp) / (imp.max() - imp.min()))
+    return coef
+
+
+def test_decoupled_squared_penalty_is_the_gradient_form_under_plain_sgd():
+    """Plain SGD: w·(1 − lr·2λγ) − lr·∇L is w − lr·(∇L + 2λγw), so both forms give the same weights."""
+    x = torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    y = torch.arange(8) % 10
+    finals = {}
+    for penalty, lam in (("squared", 0.05), ("squared_decoupled", 0.05), ("squared", 0.0)):
+        model = tiny_vit()
+        cb = DepGraphCallback(target_macs=0.5, group_sparsity=lam, sparse_penalty=penalty, schedule="oneshot",
+                              start=10, end=10)
+        cb.setup(model, total_steps=11, example_inputs=x[:2])
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s))  # the lr changes every step
+        for step in range(4):
+            cb.step_begin(step)
+            loss = torch.nn.functional.cross_entropy(model(pixel_values=x).logits, y)
+            opt.zero_grad()
+            loss.backward()
+            cb.pre_optimizer_step(opt)
+            opt.step()
+            cb.optimizer_step()
+            sched.step()
+        finals[(penalty, lam)] = {n: p.detach().clone() for n, p in model.named_parameters()}
+    grad_form, decoupled, plain = finals[("squared", 0.05)], finals[("squared_decoupled", 0.05)], finals[("squared", 0.0)]
+    for n in grad_form:
+        assert torch.allclose(decoupled[n], grad_form[n], rtol=1e-5, atol=1e-6), n
+    assert max(float((grad_form[n] - plain[n]).abs().max()) for n in plain) > 1e-3  # the penalty did something
+
+
+def test_decoupled_squared_penalty_shrinks_units_by_lr_times_coefficient_under_adamw():
+    """AdamW on a zero-gradient step moves nothing itself: each weight is scaled by exactly 1 − lr·Σ 2λγ over the
+    units its slice belongs to, with each parameter group's own learning rate."""
+    model = tiny_vit()
+    lam, alpha = 0.5, 4.0
+    cb = DepGraphCallback(target_macs=0.5, group_sparsity=lam, sparse_alpha=alpha, end=0.5,
+                          sparse_penalty="squared_decoupled")
+    cb.setup(model, total_steps=10, example_inputs=torch.randn(2, 3, 16, 16))
+    g = cb.pruner.graph
+    coef = _unit_coefficients(model, g, lam, alpha)
+    named = dict(model.named_parameters())
+    fast = [p for n, p in named.items() if ".mlp." in n]
+    rest = [p for n, p in named.items() if ".mlp." not in n]
+    opt = torch.optim.AdamW([{"params": fast, "lr": 2e-3}, {"params": rest}], lr=1e-3, weight_decay=0.0)
+    lr_of = {id(p): 2e-3 for p in fast} | {id(p): 1e-3 for p in rest}
+    before = {n: p.detach().clone() for n, p in named.items()}
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    cb.step = 0
+    cb.pre_optimizer_step(opt)
+    opt.step()
+    touched = 0
+    for n, p in named.items():
+        total = torch.zeros(p.shape, dtype=torch.float64)
+        for m in g.members:
+            if m.tensor == n:
+                shape = [1] * p.dim()
+                shape[m.dim] = -1
+                total = total + coef[m.units].view(shape)
+        expect = (before[n].double() * (1 - lr_of[id(p)] * total)).float()
+        assert torch.allclose(p.detach(), expect, rtol=1e-6, atol=1e-9), n
+        touched += int(bool(total.any()))
+    assert touched > 0
+    # a tensor of one group along one dim: the group's least important unit shrinks by 1 − lr·2λ·2^α, its most
+    # important one by 1 − lr·2λ
+    penalised = {}
+    for m in g.members:
+        if m.tensor in named and coef[m.units].any():
+            penalised[m.tensor] = penalised.get(m.tensor, 0) + 1
+    n = next(t for t, k in penalised.items() if k == 1 and named[t].dim() == 2)
+    ratio = named[n].detach().double()[before[n] != 0] / before[n].double()[before[n] != 0]
+    lr = lr_of[id(named[n])]
+    assert float(ratio.min()) == pytest.approx(1 - lr * 2 * lam * 2 ** alpha, rel=1e-5)
+    assert float(ratio.max()) == pytest.approx(1 - lr * 2 * lam, rel=1e-5)
+
+
+def test_decoupled_penalty_needs_the_optimizer_and_the_gradient_form_warns_under_adam():
+    model = tiny_vit()
+    cb = DepGraphCallback(target_macs=0.5, group_sparsity=1e-3, sparse_penalty="squared_decoupled", end=0.5)
+    cb.setup(model, total_steps=10, example_inputs=torch.randn(2, 3, 16, 16))
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    with pytest.raises(PruningError, match=r"squared_decoupled.*pre_optimizer_step\(optimizer\)"):
+        cb.pre_optimizer_step()
+    cb = DepGraphCallback(target_macs=0.5, group_sparsity=1e-3, end=0.5)
+    cb.setup(model, total_steps=10, example_inputs=torch.randn(2, 3, 16, 16))
+    with pytest.warns(UserWarning, match="squared_decoupled"):
+        cb.pre_optimizer_step(torch.optim.Adam(model.parameters()))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cb.pre_optimizer_step()  # once per run
+        DepGraphCallback(target_macs=0.5, group_sparsity=1e-3, end=0.5).setup(
+            model, total_steps=10, example_inputs=torch.randn(2, 3, 16, 16))
+
+
+def test_trainer_passes_its_optimizer_to_the_decoupled_penalty(tmp_path, digits):
+    from transformers import Trainer
+
+    train, _ = digits
+    model = tiny_vit()
+    cb = DepGraphCallback(target_macs=0.6, schedule="oneshot", start=2, end=2, group_sparsity=1.0,
+                          sparse_penalty="squared_decoupled")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # AdamW and the decoupled form: no warning
+        Trainer(model=model, args=targs(tmp_path, 4, weight_decay=0.0), train_dataset=train, callbacks=[cb]).train()
+    assert cb.optimizer is not None and cb.events and cb.finished
+
+
+def test_sparse_penalty_round_trips_in_the_config(tmp_path):
+    from hf_prune import DepGraphConfig, PruningConfig
+
+    config = DepGraphConfig(target_macs=0.5, group_sparsity=0.2, sparse_penalty="squared_decoupled")
+    data = json.loads(json.dumps(config.to_dict()))
+    assert data["sparse_penalty"] == "squared_decoupled" and PruningConfig.from_dict(data) == config
+    config.save_pretrained(tmp_path)
+    assert PruningConfig.from_pretrained(tmp_path) == config
 
 
 # ------------------------------------------------------------------------------------------ checkpoints

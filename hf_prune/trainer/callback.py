@@ -19,7 +19,8 @@ when training is over. The base then writes the method record and structure spec
 * ``plan(step) -> target | None`` and ``apply(step, target)`` — what the schedule asks for at a step,
   and carrying it out (growing masks, setting an annealing coefficient, drawing subnets).
 * ``gradients()`` — after backward and clipping, before ``optimizer.step`` (Taylor scores, sparse
-  learning, which adds to ``.grad``).
+  learning, which adds to ``.grad`` or, decoupled, shrinks the weights by the learning rate of
+  ``self.optimizer``: the optimizer the Trainer passes, or the one given to ``pre_optimizer_step``).
 * ``enforce()`` — after every optimizer step (re-zero masked weights).
 * ``stats() -> dict`` — numbers logged as ``prune/<name>``.
 * ``state_dict()`` / ``load_state_dict(state, tensors)`` — the method's JSON state in checkpoints
@@ -41,7 +42,7 @@ training items when not given), then on resume the state in ``checkpoint-<t>/hf_
     for step, batch in enumerate(loader):
         cb.step_begin(step)            # prunes on schedule
         accelerator.backward(loss(model, batch))
-        cb.pre_optimizer_step()        # gradients(): Taylor / sparse learning
+        cb.pre_optimizer_step(optimizer)  # gradients(): Taylor / sparse learning (the optimizer: its lr)
         optimizer.step(); optimizer.zero_grad()
         cb.optimizer_step()            # enforce(): re-apply masks
     cb.finish()                        # finalize() + record
@@ -183,6 +184,7 @@ class PruningCallback(TrainerCallback):
         self.example_inputs = example_inputs
         self.train_dataloader = None
         self.full_copy: nn.Module | None = None  # taken by before_sharding()
+        self.optimizer = None  # the training optimizer, once the Trainer or the loop has passed it
         self._reset()
 
     def _reset(self) -> None:
@@ -321,8 +323,12 @@ class PruningCallback(TrainerCallback):
                 copy_extra_state(self.model, self.trained_model)
         return target
 
-    def pre_optimizer_step(self) -> None:
+    def pre_optimizer_step(self, optimizer=None) -> None:
+        """Before ``optimizer.step()`` (after backward and clipping); ``optimizer`` is remembered for methods
+        that need its learning rates (a Trainer passes its own)."""
         self.require_setup()
+        if optimizer is not None:
+            self.optimizer = optimizer
         if not self.finished:
             self.gradients()
 
@@ -461,8 +467,8 @@ class PruningCallback(TrainerCallback):
     def on_step_begin(self, args, state, control, **kwargs):
         self.step_begin(state.global_step)
 
-    def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        self.pre_optimizer_step()
+    def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+        self.pre_optimizer_step(optimizer)
 
     def on_optimizer_step(self, args, state, control, **kwargs):
         self.optimizer_step()

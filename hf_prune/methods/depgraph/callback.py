@@ -41,12 +41,27 @@ class DepGraphCallback(ScheduledPruningCallback):
     the unit couples (both sides of each layer, norms, biases, ...) and
     ``γ_k = 2^{α (I_g^max − I_{g,k}) / (I_g^max − I_g^min)}`` (``α = sparse_alpha``, 4 in the paper: γ
     from 1 for the most important unit to 16 for the least), held constant within a step, so that the
-    less important units of each group shrink faster, together. ``sparse_penalty="squared"`` (default)
-    is that form, ``λ Σ_k γ_k I_{g,k}`` (gradient ``2 λ γ_k w``); ``"lasso"`` is a weighted group lasso
-    ``λ Σ_k γ_k ||w_k||₂`` (gradient ``λ γ_k w / ||w_k||``), which is not in the paper and drives units
-    to exactly zero at a constant rate (compared in ``benchmarks/results/sparse_learning.md``).
-    The gradient is **added to ``.grad``** after clipping and DDP averaging, on every step before the
-    schedule's last pruning step; γ uses the units not yet removed.
+    less important units of each group shrink faster, together. Three forms (``sparse_penalty``), each
+    applied after clipping and DDP averaging, before ``optimizer.step()``, on every step before the
+    schedule's last pruning step; γ uses the units not yet removed:
+
+    * ``"squared"`` (default): the paper's ``λ Σ_k γ_k I_{g,k}``, its gradient ``2 λ γ_k w`` **added to
+      ``.grad``**. Right for SGD (the paper's optimizer; measured in ``benchmarks/results/sparse_learning.md``).
+    * ``"squared_decoupled"``: the same penalty applied like AdamW's decoupled weight decay: every slice
+      of unit ``k`` is scaled by ``1 − lr · 2 λ γ_k`` (``lr``: the current learning rate of the
+      parameter's group in the optimizer; a slice shared by two units, e.g. output channel ``i`` and
+      input channel ``j`` of one weight, by ``1 − lr · (2λγ_i + 2λγ_j)``), before the optimizer's own
+      update. Under plain SGD (no momentum, no weight decay) this is the same update as ``"squared"``
+      (``w − lr·(∇L + 2λγw)``); under momentum or Adam-type optimizers it is not. Use it with
+      **Adam / AdamW** (the transformers Trainer's default): there the gradient form is divided by
+      Adam's running gradient scale, so on a pretrained model, whose task gradient is tiny, every
+      penalised weight moves by about ``lr`` per step whatever λ is; decoupled, the shrink per step is
+      ``lr · 2λγ_k`` as with SGD, so λ keeps its meaning (pretrained EfficientNet-Lite1 with AdamW:
+      ``benchmarks/results/sparse_learning_pretrained.md``). The callback reads the learning rates from the optimizer the Trainer
+      passes, or from ``cb.pre_optimizer_step(optimizer)`` in a plain loop (without one it raises).
+      With a gradient form and an Adam-type optimizer it warns once.
+    * ``"lasso"``: a weighted group lasso ``λ Σ_k γ_k ||w_k||₂`` (gradient ``λ γ_k w / ||w_k||``, added
+      to ``.grad``), which is not in the paper and drives units to exactly zero at a constant rate.
 
     What the paper's reference code does (Torch-Pruning's ``GroupNormPruner.regularize``, called
     between ``backward()`` and ``optimizer.step()``): for each group, ``γ = α^{(n_max − n)/(n_max − n_min)}``
@@ -83,6 +98,7 @@ class DepGraphCallback(ScheduledPruningCallback):
         self._taylor: torch.Tensor | None = None
         self._taylor_count = 0
         self._latency = None
+        self._warned_adaptive = False
 
     # ------------------------------------------------------------------ protocol
     def prepare(self, model: nn.Module, example_inputs) -> None:
@@ -280,10 +296,9 @@ class DepGraphCallback(ScheduledPruningCallback):
         self._taylor = scores if self._taylor is None else self._taylor + scores
         self._taylor_count += 1
 
-    @torch.no_grad()
-    def _regularize(self) -> None:
+    def _penalty_coefficients(self, g) -> torch.Tensor:
+        """Per union-find root: ``2λγ_k`` (squared forms) or ``λγ_k / ||w_k||`` (lasso), 0 for removed units."""
         c = self.config
-        g, members = self._prunable_params()
         sq = unit_scores(g, "l2", tensors=named_tensors(self.trained_model))  # ||w_u||² over every slice of unit u
         keep = g.keep_mask(self.pruner.removed)
         coef = torch.zeros_like(sq)
@@ -299,13 +314,61 @@ class DepGraphCallback(ScheduledPruningCallback):
                 coef[units] = c.group_sparsity * gamma / imp.sqrt().clamp_min(1e-12)
             else:
                 coef[units] = 2.0 * c.group_sparsity * gamma
+        return coef
+
+    def _learning_rates(self) -> dict:
+        """``{id(parameter): lr}`` of the optimizer's parameter groups, as they are for the coming step."""
+        opt = self.optimizer
+        if opt is None or not hasattr(opt, "param_groups"):
+            raise PruningError(
+                f"{type(self).__name__}: sparse_penalty='squared_decoupled' shrinks the weights by the optimizer's "
+                "learning rate, but no optimizer was passed: in a plain loop call cb.pre_optimizer_step(optimizer) "
+                "(a transformers Trainer passes its own), or use sparse_penalty='squared' (added to the gradients)")
+        return {id(q): float(group["lr"]) for group in opt.param_groups for q in group["params"]}
+
+    def _warn_if_adaptive(self) -> None:
+        """The gradient forms under Adam-type optimizers: the penalty is divided by the running gradient scale, so
+        on a converged model (tiny task gradients) every penalised weight moves by about lr per step whatever λ."""
+        opt = self.optimizer
+        if self._warned_adaptive or opt is None or not any("betas" in grp for grp in getattr(opt, "param_groups", ())):
+            return
+        self._warned_adaptive = True
+        warnings.warn(f"sparse_penalty={self.config.sparse_penalty!r} adds the sparse-learning penalty to the gradients, "
+                      f"which {type(opt).__name__} normalises per weight, so λ stops setting its size; with Adam-type "
+                      "optimizers use sparse_penalty='squared_decoupled' (the paper's penalty applied like AdamW's "
+                      "weight decay)", stacklevel=4)
+
+    @torch.no_grad()
+    def _regularize(self) -> None:
+        c = self.config
+        decoupled = c.sparse_penalty == "squared_decoupled"
+        lrs = self._learning_rates() if decoupled else None
+        if not decoupled:
+            self._warn_if_adaptive()
+        g, members = self._prunable_params()
+        coef = self._penalty_coefficients(g)
+        # The decoupled shrink of a tensor is lr times the sum of its members' terms (a weight in output channel i
+        # and input channel j gets 1 − lr·(2λγ_i + 2λγ_j)), so that under plain SGD it is the gradient form's update.
+        shrink = {}
         for m, p in members:
             if p.grad is None or not p.requires_grad:
-                continue
+                continue  # optimizers skip parameters without a gradient; so does the penalty
+            if decoupled and id(p) not in lrs:
+                continue  # not trained by this optimizer
             cm = coef[m.units[shard_region(p)[m.dim]]]
             if not bool(cm.any()):
                 continue
             shape = [1] * p.dim()
             shape[m.dim] = -1
-            w, grad = local_part(p), local_part(p.grad)
-            grad.add_(w * cm.to(grad.device, grad.dtype).view(shape))
+            w = local_part(p)
+            if decoupled:
+                term = w * cm.to(w.device, w.dtype).view(shape)
+                if id(p) in shrink:
+                    shrink[id(p)][1].add_(term)
+                else:
+                    shrink[id(p)] = (p, term)
+            else:
+                grad = local_part(p.grad)
+                grad.add_(w * cm.to(grad.device, grad.dtype).view(shape))
+        for key, (p, term) in shrink.items():
+            local_part(p).sub_(term, alpha=lrs[key])

@@ -10,7 +10,7 @@ from ...errors import ConfigError
 
 IMPORTANCES = ("l2", "l1", "taylor", "activation")
 MODES = ("global", "local")
-SPARSE_PENALTIES = ("squared", "lasso")
+SPARSE_PENALTIES = ("squared", "squared_decoupled", "lasso")
 TARGETS = ("target_macs", "sparsity", "target_latency")
 LATENCY_DTYPES = ("float32", "float16", "bfloat16", "float64")
 SYNC_MODES = ("all_reduce", "broadcast")  # how scores agree across processes (core.distributed.sync_scores)
@@ -42,7 +42,9 @@ class DepGraphConfig(ScheduleConfig):
     ``sync`` (``"all_reduce"`` / ``"broadcast"``: how scores agree across processes), and the paper's
     sparse learning: ``group_sparsity`` (λ; 0 disables), ``sparse_alpha`` (α: the least important unit
     of a group is penalised ``2^α`` times as much as the most important), ``sparse_penalty``
-    (``"squared"``: the paper's ``λ Σ_k γ_k ||w_k||²``; ``"lasso"``: ``λ Σ_k γ_k ||w_k||₂``, ours); see
+    (``"squared"``: the paper's ``λ Σ_k γ_k ||w_k||²``, added to the gradients; ``"squared_decoupled"``:
+    the same penalty applied as a shrink of the weights by ``1 − lr·2λγ_k``, like AdamW's weight decay,
+    for Adam-type optimizers; ``"lasso"``: ``λ Σ_k γ_k ||w_k||₂``, ours); see
     :class:`~hf_prune.methods.depgraph.callback.DepGraphCallback`.
     """
 
