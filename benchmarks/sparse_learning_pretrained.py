@@ -317,9 +317,13 @@ def reading(runs: dict) -> str:
                 continue
             diff = best[f"after_ft_{key}"]["top1"] - base[f"after_ft_{key}"]["top1"]
             dkl = best[f"after_ft_{key}"]["kl"] - base[f"after_ft_{key}"]["kl"]
-            # better only when both measures agree; one seed, so no claim about the spread between seeds
-            verdict = ("reproduced" if diff > 0 and dkl < 0 else "not reproduced" if diff <= 0 and dkl >= 0
-                       else "mixed")
+            # One seed: a gain counts only beyond twice the binomial standard error of a difference of two
+            # agreement rates on n_eval views, and only when the KL agrees.
+            p = base[f"after_ft_{key}"]["top1"]
+            noise = 2 * math.sqrt(2 * max(p * (1 - p), 1 / n_eval) / n_eval)
+            verdict = ("reproduced" if diff > noise and dkl < 0 else
+                       "not reproduced" if diff <= 0 and dkl >= 0 else
+                       f"not separable from noise (|difference| within {noise:.3f})" if abs(diff) <= noise else "mixed")
             out.append(f"- SL better than w/o SL after fine-tuning, {label}: **{verdict}** here (the best SL arm by "
                        f"top-1: {diff:+.3f} top-1 agreement, {round(diff * n_eval):+d} of {n_eval} held-out views, "
                        f"KL {dkl:+.4f}; one seed).")
