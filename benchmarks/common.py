@@ -32,14 +32,11 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    import torch
+
+    from hf_prune.engine.latency import device_name
+
+    return device_name(torch.device("cpu"))
 
 
 def _version(module: str) -> str:
