@@ -6,13 +6,15 @@ For each model, structured pruning to 90 / 80 / 70 / 50 % of the dense MACs and 
 * structured: ``plain`` (DepGraph, l2, hf_prune's defaults), ``plain + BN recalibration`` (the usual
   cheap fix), ``+ reconstruction`` (:func:`hf_prune.engine.reconstruct.reconstruct`, no BN step),
   ``+ reconstruction + BN recalibration`` (all BNs re-estimated on the calibration views),
-  ``+ reconstruction + BN mean correction`` (``bn="mean"``, the default), the same with
-  ``activation`` importance, and ``+ N distillation steps`` (:func:`hf_prune.recover`) on the best one-shot row; Torch-Pruning's default
+  ``+ reconstruction + BN mean correction`` (``bn="mean"``, the default), the same re-fitting every
+  layer after the first pruned one (``layers="all"``), the same with ``activation`` importance, and ``+ N distillation steps`` (:func:`hf_prune.recover`) on the best one-shot row; Torch-Pruning's default
   recipe at the same MACs (its uniform channel ratio found by bisection), plain and with BN
   recalibration;
 * weight pruning: uniform magnitude (what ``torch.nn.utils.prune`` does per layer), hf_prune's global
   magnitude, + BN mean correction or + BN recalibration, + reconstruction (each layer's kept weights
-  re-fitted to the dense layer's outputs, pruned weights held at zero) with BN mean correction, oViT
+  re-fitted to the dense layer's outputs, pruned weights held at zero) with BN mean correction, LAMP's
+  layer allocation (Lee et al., 2021: magnitude rescaled so that no layer is emptied) plain and + BN
+  recalibration, oViT
   (data-aware OBS with weight updates; gradients of the cross-entropy on the dense model's own top-1,
   so no labels) and + BN correction (``--no-ovit`` skips both: they take the longest), + N
   distillation steps on the best one-shot row.
@@ -54,11 +56,12 @@ from benchmarks.pretrained_models import SKIMAGE_EXTRA, extra_images, load_effic
 CALIB_PHOTOS = ("astronaut", "hubble_deep_field", "immunohistochemistry", "retina", "stereo_motorcycle", "flower")
 EVAL_PHOTOS = ("chelsea", "coffee", "rocket", "china", "grace_hopper")
 STRUCTURED_ROWS = ["plain", "plain + BN recalibration", "+ reconstruction", "+ reconstruction + BN recalibration",
-                   "+ reconstruction + BN mean correction", "activation importance (plain)",
-                   "activation importance + reconstruction + BN mean correction"]
+                   "+ reconstruction + BN mean correction", "+ reconstruction (all layers) + BN mean correction",
+                   "activation importance (plain)", "activation importance + reconstruction + BN mean correction"]
 TP_ROWS = ["Torch-Pruning", "Torch-Pruning + BN recalibration"]
 WEIGHT_ROWS = ["uniform magnitude (per layer, like torch.nn.utils.prune)", "plain (global magnitude)",
-               "+ BN mean correction", "+ BN recalibration", "+ reconstruction + BN mean correction"]
+               "+ BN mean correction", "+ BN recalibration", "+ reconstruction + BN mean correction",
+               "LAMP allocation (magnitude)", "LAMP + BN recalibration"]
 OVIT_ROWS = ["oViT (data-aware OBS + weight updates)", "oViT + BN mean correction"]
 
 
@@ -241,72 +244,84 @@ def run_structured(variant, dense, data, dense_logits, dense_macs, target, args,
     key = dict(model=f"efficientnet_lite{variant}", kind="structured", target=target)
     tp = torch_pruning_available() and not args.no_tp
     expected = STRUCTURED_ROWS + (["+ distillation"] if args.steps else []) + (TP_ROWS if tp else [])
+    timed_before = any(r.get("model") == key["model"] and r.get("target") == target for r in res.data["latency"])
     if res.complete(key, expected, latency=True):
         return
-    ready = {}
+
+    def done(name):
+        return next((r for r in res.data["rows"] if all(r.get(k) == v for k, v in dict(key, row=name).items())), None)
+
+    cuts: dict = {}
+
+    def cut(importance):
+        """The pruned model, its kept indices and the seconds the cut took (one cut per importance)."""
+        if importance not in cuts:
+            t = time.perf_counter()
+            model, keep, _ = structured(dense, data, target, importance)
+            cuts[importance] = (model, keep, time.perf_counter() - t)
+        return cuts[importance]
+
+    recipes = {  # row -> (importance, what is done to the cut model)
+        "plain": ("l2", None),
+        "plain + BN recalibration": ("l2", "recalibrate"),
+        "+ reconstruction": ("l2", dict(bn=None, layers=args.layers)),
+        "+ reconstruction + BN recalibration": ("l2", "reconstruct+recalibrate"),
+        "+ reconstruction + BN mean correction": ("l2", dict(bn="mean", layers=args.layers)),
+        "+ reconstruction (all layers) + BN mean correction": ("l2", dict(bn="mean", layers="all")),
+        "activation importance (plain)": ("activation", None),
+        "activation importance + reconstruction + BN mean correction": ("activation", dict(bn="mean", layers=args.layers)),
+    }
+    built: dict = {}
+
+    def build(name):
+        """(model, seconds) for a row, made on demand: rows already in the file are not rebuilt."""
+        if name not in built:
+            importance, step = recipes[name]
+            pruned, keep, cut_s = cut(importance)
+            t = time.perf_counter()
+            if step is None:
+                model, seconds = pruned, cut_s
+            elif step == "recalibrate":
+                model = bn_recalibrated(pruned, data)
+            elif step == "reconstruct+recalibrate":
+                model = bn_recalibrated(build("+ reconstruction")[0], data)
+            else:
+                model = reconstructed(pruned, dense, data, keep, **step)[0]
+            built[name] = (model, seconds if step is None else time.perf_counter() - t)
+        return built[name]
 
     def row(name, model, seconds, **extra):
         m = metrics(model, data, dense_logits)
         res.add(dict(key, row=name, **m, macs=macs(model, data.example) / dense_macs, seconds=round(seconds, 1), **extra))
         return m
 
-    timed = {}
-    for imp in ("l2", "activation"):
-        t = time.perf_counter()
-        pruned, keep, _ = structured(dense, data, target, imp)
-        timed[imp] = (pruned, keep, time.perf_counter() - t)
-    pruned, keep, cut_s = timed["l2"]
-    if not res.has(**key, row="plain"):
-        row("plain", pruned, cut_s)
-    if not res.has(**key, row="plain + BN recalibration"):
-        t = time.perf_counter()
-        row("plain + BN recalibration", bn_recalibrated(pruned, data), time.perf_counter() - t)
     best = None
-
-    def consider(name, m):
-        nonlocal best
-        if best is None or m["top1"] > best[1]["top1"] or (m["top1"] == best[1]["top1"] and m["kl"] < best[1]["kl"]):
+    for name in STRUCTURED_ROWS:
+        m = done(name) or row(name, *build(name))
+        if name != "plain + BN recalibration" and not name.endswith("(plain)") and name != "plain" and (
+                best is None or m["top1"] > best[1]["top1"] or (m["top1"] == best[1]["top1"] and m["kl"] < best[1]["kl"])):
             best = (name, m)
-
-    def done(name):
-        return next((r for r in res.data["rows"] if all(r.get(k) == v for k, v in dict(key, row=name).items())), None)
-
-    for imp, name, options in (
-            ("l2", "+ reconstruction", dict(bn=None, layers=args.layers)),
-            ("l2", "+ reconstruction + BN mean correction", dict(bn="mean", layers=args.layers)),
-            ("activation", "activation importance + reconstruction + BN mean correction",
-             dict(bn="mean", layers=args.layers))):
-        pruned_i, keep_i, cut_i = timed[imp]
-        if name.startswith("activation") and not res.has(**key, row="activation importance (plain)"):
-            row("activation importance (plain)", pruned_i, cut_i)
+    if args.steps and not done("+ distillation"):
         t = time.perf_counter()
-        model, stats = reconstructed(pruned_i, dense, data, keep_i, **options)
-        m = done(name) or row(name, model, time.perf_counter() - t, recon_seconds=round(stats["seconds"], 1))
-        ready[name] = model
-        consider(name, m)
-        if name == "+ reconstruction":
-            extra = "+ reconstruction + BN recalibration"
-            t = time.perf_counter()
-            ready[extra] = bn_recalibrated(model, data)
-            consider(extra, done(extra) or row(extra, ready[extra], time.perf_counter() - t))
-    if args.steps and not res.has(**key, row="+ distillation"):
-        t = time.perf_counter()
-        model, stats = distilled(ready[best[0]], dense, data, args)
+        model, stats = distilled(build(best[0])[0], dense, data, args)
         row("+ distillation", model, time.perf_counter() - t, start=best[0], steps=args.steps, batch=args.batch,
             lr=args.lr, loss_first=stats["loss_first"], loss_last=stats["loss_last"])
-    variants = {"dense": dense, "hf_prune (l2)": timed["l2"][0], "hf_prune (activation)": timed["activation"][0]}
-    if tp:
+    if tp and (not timed_before or not all(done(r) for r in TP_ROWS)):
         t = time.perf_counter()
         tp_model, ratio, _ = tp_at(dense, data, target, dense_macs)
         tp_s = time.perf_counter() - t
-        if not res.has(**key, row="Torch-Pruning"):
+        if not done("Torch-Pruning"):
             row("Torch-Pruning", tp_model, tp_s, pruning_ratio=round(ratio, 4))
-        if not res.has(**key, row="Torch-Pruning + BN recalibration"):
+        if not done("Torch-Pruning + BN recalibration"):
             row("Torch-Pruning + BN recalibration", bn_recalibrated(tp_model, data), 0.0)
-        variants["Torch-Pruning"] = tp_model
-    if not any(r.get("model") == key["model"] and r.get("target") == target for r in res.data["latency"]):
+    else:
+        tp_model = None
+    if not timed_before:
         import os
 
+        variants = {"dense": dense, "hf_prune (l2)": cut("l2")[0], "hf_prune (activation)": cut("activation")[0]}
+        if tp_model is not None:
+            variants["Torch-Pruning"] = tp_model
         lat = latency(variants, data.size, args)
         res.data["latency"].append(dict(model=key["model"], target=target, load=" ".join(f"{v:.2f}" for v in os.getloadavg()),
                                         macs={k: macs(m, data.example) / dense_macs for k, m in variants.items()},
@@ -330,11 +345,13 @@ def run_weights(variant, dense, data, dense_logits, sparsity, args, res: Results
         "+ BN mean correction": lambda: reconstructed(models[plain], dense, data, None, layers=[], bn="mean")[0],
         "+ BN recalibration": lambda: bn_recalibrated(models[plain], data),
         "+ reconstruction + BN mean correction": lambda: reconstructed(models[plain], dense, data, None, bn="mean")[0],
+        "LAMP allocation (magnitude)": lambda: weight_pruned(dense, data, sparsity, "magnitude", "lamp"),
+        "LAMP + BN recalibration": lambda: bn_recalibrated(models["LAMP allocation (magnitude)"], data),
         ovit: lambda: weight_pruned(dense, data, sparsity, "ovit"),
         "oViT + BN mean correction": lambda: reconstructed(models[ovit], dense, data, None, layers=[], bn="mean")[0],
     }
     parent = {"+ BN mean correction": plain, "+ BN recalibration": plain, "+ reconstruction + BN mean correction": plain,
-              "oViT + BN mean correction": ovit}
+              "oViT + BN mean correction": ovit, "LAMP + BN recalibration": "LAMP allocation (magnitude)"}
 
     def build(name):
         if name not in models:
@@ -413,6 +430,9 @@ def main(argv=None):
             for sparsity in [float(s) for s in args.sparsity.split(",")]:
                 run_weights(variant, dense, data, dense_logits, sparsity, args, res)
     res.data["total_seconds"] = round(time.perf_counter() - started, 1)
+    # a resumed file holds rows of several runs: keep every run's command
+    res.data.setdefault("runs", []).append({"command": info["command"], "date": info["date"],
+                                            "seconds": res.data["total_seconds"]})
     res.save()
     md = compose(res.data)
     (RESULTS / f"{args.out}.md").write_text(md)
@@ -437,6 +457,9 @@ def compose(data: dict) -> str:
         "model's top-1; KL = KL(dense || pruned) in nats, mean over views",
         f"total time: {data.get('total_seconds', '?')} s",
     ]
+    if len(data.get("runs", [])) > 1:
+        notes.append("the rows come from these runs (each `--resume` adds the rows the file did not hold yet): "
+                     + "; ".join(f"`{r['command']}` ({r['date']}, {r['seconds']} s)" for r in data["runs"]))
     out = [header_md("Pretrained EfficientNet-Lite: one-shot pruning, reconstruction and distillation",
                      data["env"], notes)]
     for model in sorted({r["model"] for r in data["rows"]}):
