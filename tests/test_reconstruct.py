@@ -221,6 +221,11 @@ def test_prune_with_calib_reconstructs_by_default_and_records_it():
     assert all(torch.equal(a, b) for a, b in zip(untouched.state_dict().values(), dense.state_dict().values()))
     with pytest.raises(ConfigError, match="one-shot"):
         hf_prune.DepGraphCallback(target_macs=0.5, importance="activation")
+    for bad in (dict(reconstruct=True), dict(reconstruct_layers="all")):
+        with pytest.raises(ConfigError, match="one-shot"):
+            hf_prune.DepGraphCallback(target_macs=0.5, **bad)
+    with pytest.raises(ConfigError, match="reconstruct_layers"):
+        hf_prune.prune(untouched, "depgraph", target_macs=0.6, example_inputs=x, calib=calib, reconstruct_layers="some")
     # a reconstruction that fails undoes the whole prune: same shapes, same values, same parameter objects
     params = list(untouched.parameters())
     with pytest.raises(RuntimeError):
@@ -275,3 +280,24 @@ def test_masked_solve_is_exact_when_only_the_first_column_goes():
         want = torch.zeros(6, dtype=torch.float64)
         want[k] = torch.linalg.solve(A, b)
         torch.testing.assert_close(got[0, row], want, rtol=1e-9, atol=1e-10)
+
+
+def test_reconstruct_layers_all_refits_every_layer_after_the_first_cut():
+    """``reconstruct_layers="all"`` re-fits more layers than the default (those that read pruned channels),
+    the same units go, and held-out digits still agree with the dense model at least as well as plain."""
+    from hf_prune.api import oneshot
+
+    dense, train, val = trained_cnn()
+    calib, x = train.pixel_values[:192], val.pixel_values[:2]
+    runs = {}
+    for layers in ("consumers", "all"):
+        model = copy.deepcopy(dense)
+        _, stats = oneshot(model, "depgraph", target_macs=0.6, round_to=None, example_inputs=x, calib=calib,
+                           reconstruct_layers=layers)
+        runs[layers] = (model, stats["reconstruction"])
+    (m_c, s_c), (m_a, s_a) = runs["consumers"], runs["all"]
+    assert s_a["layers"] > s_c["layers"] >= 2
+    assert [p.shape for p in m_c.parameters()] == [p.shape for p in m_a.parameters()]
+    plain = copy.deepcopy(dense)
+    oneshot(plain, "depgraph", target_macs=0.6, round_to=None, example_inputs=x, calib=calib, reconstruct=False)
+    assert _agreement(m_a, dense, val.pixel_values) > _agreement(plain, dense, val.pixel_values) + 0.3

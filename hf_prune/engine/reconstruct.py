@@ -816,12 +816,12 @@ def _sweep(pruned, dense, batches, o: _Order, fit, bns, correct, keep, ridge, ma
     stats["dense_passes"] = targets.passes
 
 
-def reconstruct_pruned(model: nn.Module, dense: nn.Module, pruner, calib) -> dict:
+def reconstruct_pruned(model: nn.Module, dense: nn.Module, pruner, calib, *, layers: str = "consumers") -> dict:
     """:func:`reconstruct` for a model just compacted by ``pruner`` (a
     :class:`~hf_prune.engine.pruner.StructuredPruner`, whose graph says what each layer kept), with the
-    defaults; returns the summary a method records: layers re-fitted, BatchNorms corrected, seconds and
-    the mean relative layer-output error before and after."""
-    stats = reconstruct(model, dense, calib, keep=kept_indices(pruner.graph, pruner.removed))
+    defaults but ``layers``; returns the summary a method records: layers re-fitted, BatchNorms corrected,
+    seconds and the mean relative layer-output error before and after."""
+    stats = reconstruct(model, dense, calib, keep=kept_indices(pruner.graph, pruner.removed), layers=layers)
     errors = list(stats["layers"].values())
 
     def mean(key):

@@ -83,6 +83,10 @@ class DepGraphCallback(ScheduledPruningCallback):
         if self.config.importance == "activation":
             raise ConfigError("importance='activation' scores units on calibration data in one-shot "
                               "hf_prune.prune(..., calib=); during training use 'l2', 'l1' or 'taylor'")
+        if self.config.reconstruct or self.config.reconstruct_layers != "consumers":
+            raise ConfigError(f"reconstruct={self.config.reconstruct!r}, reconstruct_layers="
+                              f"{self.config.reconstruct_layers!r}: the re-fit belongs to one-shot hf_prune.prune(..., "
+                              "calib=); during training the fine-tuning itself repairs the model")
         if reference is not None and not set(REFERENCE_KEYS) <= set(reference):
             raise ConfigError(f"reference={reference!r} must have the keys {REFERENCE_KEYS}")
         self.reference = dict(reference) if reference is not None else None

@@ -8,6 +8,8 @@ from ...core.checks import (MEASURED, check_choice, check_fraction, check_int, c
                             check_round_to, check_sparsity)
 from ...errors import ConfigError
 
+RECONSTRUCT_LAYERS = ("consumers", "all")  # the named forms of reconstruct(layers=)
+
 IMPORTANCES = ("l2", "l1", "taylor", "activation")
 MODES = ("global", "local")
 SPARSE_PENALTIES = ("squared", "squared_decoupled", "lasso")
@@ -34,6 +36,9 @@ class DepGraphConfig(ScheduleConfig):
     ``reconstruct`` (one-shot): re-fit the layers that read pruned channels by ridge least squares so their
     outputs match the dense model's on ``calib``, then correct the BatchNorm means downstream
     (:func:`~hf_prune.engine.reconstruct.reconstruct`); None (default) = on when ``calib=`` is given.
+    ``reconstruct_layers``: ``"consumers"`` (default: the layers that read pruned channels) or ``"all"``
+    (every Conv/Linear after the first pruned one, about twice the time; on pretrained EfficientNet-Lite at
+    70% of the MACs it raised agreement with the dense model, at 90% it lowered it).
     ``mode``: ``"global"`` ranks all units by group-normalised importance, ``"local"`` removes the same
     fraction of every group. ``round_to``: channel groups keep a multiple of it (None:
     no rounding; ``"measured"`` with ``target_latency``: the fastest nearby width by timing). ``prune_stem``: also prune the stem's output channels (a ViT's embedding width).
@@ -58,6 +63,7 @@ class DepGraphConfig(ScheduleConfig):
     latency_dtype: str | None = None
     importance: str = "l2"
     reconstruct: bool | None = None
+    reconstruct_layers: str = "consumers"
     mode: str = "global"
     round_to: int | None = 8
     prune_stem: bool = False
@@ -87,6 +93,7 @@ class DepGraphConfig(ScheduleConfig):
         check_choice("importance", self.importance, IMPORTANCES)
         if self.reconstruct not in (None, True, False):
             raise ConfigError(f"reconstruct={self.reconstruct!r} must be True, False or None (on when calib= is given)")
+        check_choice("reconstruct_layers", self.reconstruct_layers, RECONSTRUCT_LAYERS)
         check_choice("mode", self.mode, MODES)
         check_round_to(self.round_to)
         self.ignored_layers = check_names("ignored_layers", self.ignored_layers)

@@ -61,7 +61,7 @@ def prune_depgraph(model: nn.Module, config: DepGraphConfig, *, example_inputs=N
     refitted: dict = {}
 
     def refit(pruner):  # inside the compaction's transaction: a failure here undoes the prune too
-        refitted.update(reconstruct_pruned(model, dense, pruner, calib))
+        refitted.update(reconstruct_pruned(model, dense, pruner, calib, layers=config.reconstruct_layers))
 
     def attempt(pruner):  # a repair builds a new graph: data-aware scores are taken on each one
         scores = unit_scores(pruner.graph, "activation", calib=calib) if config.importance == "activation" else None
