@@ -298,7 +298,7 @@ def run_structured(variant, dense, data, dense_logits, dense_macs, target, args,
     best = None
     for name in STRUCTURED_ROWS:
         m = done(name) or row(name, *build(name))
-        if name != "plain + BN recalibration" and not name.endswith("(plain)") and name != "plain" and (
+        if "reconstruction" in name and (  # distillation starts from the best re-fitted model
                 best is None or m["top1"] > best[1]["top1"] or (m["top1"] == best[1]["top1"] and m["kl"] < best[1]["kl"])):
             best = (name, m)
     if args.steps and not done("+ distillation"):

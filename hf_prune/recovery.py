@@ -190,6 +190,11 @@ class _ImageViews:
             yield (torch.stack(views) - self.mean) / self.std
 
 
+def _pixel_key(inputs: Mapping) -> str:
+    """The image entry of a dict of model inputs: ``pixel_values``, else the first one."""
+    return "pixel_values" if "pixel_values" in inputs else next(iter(inputs))
+
+
 class _BatchViews:
     """Endless passes over an iterable of preprocessed batches, with crops and flips of the pixel tensor."""
 
@@ -209,7 +214,7 @@ class _BatchViews:
                 empty = False
                 inputs, _ = split_batch(batch)
                 if isinstance(inputs, Mapping):
-                    key = "pixel_values" if "pixel_values" in inputs else next(iter(inputs))
+                    key = _pixel_key(inputs)
                     yield dict(inputs, **{key: self._views(inputs[key])})
                 else:
                     yield self._views(inputs)
@@ -224,11 +229,8 @@ def _mixed(inputs, alpha: float, g: torch.Generator):
     images too, which a few photos alone do not cover."""
     if alpha <= 0:
         return inputs
-    key = None
-    x = inputs
-    if isinstance(inputs, Mapping):
-        key = "pixel_values" if "pixel_values" in inputs else next(iter(inputs))
-        x = inputs[key]
+    key = _pixel_key(inputs) if isinstance(inputs, Mapping) else None
+    x = inputs if key is None else inputs[key]
     if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[0] < 2:
         return inputs
     import numpy as np
@@ -263,10 +265,10 @@ def recover(model: nn.Module, teacher: nn.Module, images, *, steps: int = 300, l
     default the model's timm ``pretrained_cfg``), or a DataLoader / iterable of preprocessed batches.
     augment: random resized crops (area fraction in ``scale``) and horizontal flips; False resizes
     whole images. AdamW with ``lr``, ``weight_decay``, linear warm-up over ``warmup`` of the steps and
-    cosine decay. The default ``lr`` is low on purpose: on a pretrained EfficientNet-Lite, AdamW at 1e-4 on a
-    few off-domain photos moved even the dense model away from itself within 30 steps, while 2e-5 kept it;
-    raise it when the images are many and from the target domain. The model runs in eval mode (dropout off, BatchNorm statistics frozen: a few hundred
-    batches of a few photos would otherwise overwrite statistics estimated on the training set) unless
+    cosine decay. The default ``lr`` is low on purpose: on a pretrained EfficientNet-Lite, AdamW at 1e-4
+    on a few off-domain photos moved even the dense model away from itself within 30 steps, while 2e-5
+    kept it; raise it when the images are many and from the target domain. The model runs in eval mode
+    (dropout off, BatchNorm statistics frozen: a few hundred batches of a few photos would otherwise overwrite statistics estimated on the training set) unless
     ``train_batchnorm=True``, which lets BatchNorms update their statistics. ``mixup=α > 0`` blends
     each view with another one of its batch (weight ~ Beta(α, α)) before both models see it. Weight and
     structured masks are enforced after every step.

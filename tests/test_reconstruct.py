@@ -258,10 +258,10 @@ def test_weight_pruned_layers_refit_their_kept_weights_only():
     assert _agreement(model, dense, val.pixel_values) > plain + 0.2
 
 
-def test_masked_solve_is_exact_when_only_the_first_column_goes():
-    """The column-by-column OBS update is exact for a row whose only pruned weight comes first (every
-    other weight is free to compensate): it matches the row's own constrained least-squares solution;
-    rows that keep everything get the unconstrained solution."""
+def test_masked_solve_is_exact_when_the_pruned_columns_come_first():
+    """The column-by-column OBS update is exact for a row whose pruned weights are its leading columns
+    (every later weight is free to compensate): it matches the row's own constrained least-squares
+    solution; rows that keep everything get the unconstrained solution."""
     from hf_prune.engine.reconstruct import _Normal
 
     g = torch.Generator().manual_seed(0)
@@ -270,7 +270,7 @@ def test_masked_solve_is_exact_when_only_the_first_column_goes():
     normal = _Normal.empty(w0, "cpu")
     normal.add(X, Y, bias=False)
     keep = torch.ones(1, 4, 6, dtype=torch.bool)
-    keep[0, 1, 0] = keep[0, 3, 0] = False
+    keep[0, 1, 0] = keep[0, 3, 0] = keep[0, 3, 1] = False
     got = normal.solve(w0, 1e-2, keep)
     lam = 1e-2 * torch.diagonal(normal.H[0]).mean()
     for row in range(4):
