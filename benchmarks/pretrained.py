@@ -32,7 +32,9 @@ Run from the repository root::
     PYTHONPATH=. .venv/bin/python benchmarks/pretrained.py --quick        # a few minutes, to check the script
 
 Results: ``benchmarks/results/pretrained.{md,json}`` (``--out`` changes the stem). Every finished row
-is written to the JSON at once; ``--resume`` skips the rows it already holds.
+is written to the JSON at once; ``--resume`` skips the rows it already holds, and ``--resume --redo
+"+ distillation"`` computes the named rows again (for the models and targets of the run) after a
+change of recipe.
 """
 from __future__ import annotations
 
@@ -230,6 +232,10 @@ class Results:
                                    for r in self.data["latency"])
         return timed and all(self.has(**key, row=r) for r in rows)
 
+    def drop(self, names: set, keep_if) -> None:
+        """Forget the rows named ``names`` for which ``keep_if(row)`` is false (``--redo``)."""
+        self.data["rows"] = [r for r in self.data["rows"] if r["row"] not in names or keep_if(r)]
+
     def add(self, row: dict) -> None:
         self.data["rows"].append(row)
         print(json.dumps(row), flush=True)
@@ -394,7 +400,7 @@ def main(argv=None):
     p.add_argument("--layers", default="consumers", help="reconstruct(layers=...)")
     p.add_argument("--steps", type=int, default=200, help="distillation steps (0: none)")
     p.add_argument("--batch", type=int, default=16, help="distillation batch size")
-    p.add_argument("--lr", type=float, default=1e-4, help="distillation learning rate")
+    p.add_argument("--lr", type=float, default=2e-5, help="distillation learning rate (hf_prune.recover's default)")
     p.add_argument("--ovit-grads", type=int, default=64)
     p.add_argument("--iters1", type=int, default=20, help="timed iterations at batch 1")
     p.add_argument("--iters32", type=int, default=5, help="timed iterations at batch 32")
@@ -404,6 +410,8 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="tiny settings to check the script")
     p.add_argument("--only", choices=("structured", "weights"), default=None)
     p.add_argument("--resume", action="store_true")
+    p.add_argument("--redo", default="", help="with --resume: rows to compute again for the models and targets "
+                                              "of this run, comma-separated names (e.g. '+ distillation')")
     p.add_argument("--out", default="pretrained")
     args = p.parse_args(argv)
     if args.quick:
@@ -417,6 +425,12 @@ def main(argv=None):
     info = env_info()
     res = Results(RESULTS / f"{args.out}.json", args.resume, info)
     res.data["settings"] = {k: v for k, v in vars(args).items()}
+    if args.redo:
+        models = {f"efficientnet_lite{v}" for v in args.models.split(",")}
+        targets = {"structured": {float(t) for t in args.macs.split(",")} if args.only != "weights" else set(),
+                   "weights": {float(t) for t in args.sparsity.split(",")} if args.only != "structured" else set()}
+        res.drop({n.strip() for n in args.redo.split(",")},
+                 keep_if=lambda r: r["model"] not in models or r["target"] not in targets[r["kind"]])
     started = time.perf_counter()
     for variant in [int(v) for v in args.models.split(",")]:
         dense = load_efficientnet_lite(variant)

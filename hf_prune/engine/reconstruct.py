@@ -30,13 +30,14 @@ found by path; which outputs a pruned layer kept comes from the dependency graph
   then sees what the dense BN saw, up to the fit's residual; its variance is deliberately left alone:
   a least-squares fit predicts E[y | x], whose variance is smaller than y's by the residual, and
   re-standardising would amplify the residual instead of the signal.
-* **BatchNorm** statistics of the other BNs downstream of the first change (``bn=``): ``"correct"``
-  (default) keeps the dense running statistics and moves each BN's mean and variance by how much its
-  input in the pruned model differs from the dense model's on the calibration batches, in forward
-  order (the BN then maps pruned inputs where the dense BN mapped dense inputs; with no difference it
-  is unchanged); ``"recalibrate"`` re-estimates every BN after the first change from the calibration
-  batches alone (:func:`hf_prune.core.execution.recalibrate_batchnorm`), which replaces statistics
-  estimated on the training set by ones from a few images; ``None`` leaves them. With ``layers=[]``
+* **BatchNorm** statistics of the other BNs downstream of the first change (``bn=``): ``"mean"``
+  (default) keeps the dense running statistics and moves each BN's mean by how much its input in the
+  pruned model differs from the dense model's on the calibration batches, in forward order;
+  ``"moments"`` moves the variance too (the BN then maps pruned inputs where the dense BN mapped
+  dense inputs; with no difference it is unchanged); ``"recalibrate"`` re-estimates every BN after
+  the first change from the calibration batches alone
+  (:func:`hf_prune.core.execution.recalibrate_batchnorm`), which replaces statistics estimated on
+  the training set by ones from a few images; ``None`` leaves them. With ``layers=[]``
   only the BN step runs: after weight pruning, whose layers keep their shapes, it starts at the first
   layer whose weights differ from the dense model's.
 
@@ -679,8 +680,8 @@ def reconstruct(pruned: nn.Module, dense: nn.Module, calib, *, keep: dict | None
     and BN whose outputs were pruned). layers: ``"consumers"`` (layers whose inputs were pruned, and
     the weight-masked layers that lost weights),
     ``"all"`` (every Conv/Linear from the first consumer on) or a list of module paths.
-    ridge: the ridge strength relative to the mean diagonal of ``X^T X``. bn: ``"correct"``,
-    ``"recalibrate"`` or ``None`` (see the module docstring). max_rows: rows (tokens or output
+    ridge: the ridge strength relative to the mean diagonal of ``X^T X``. bn: ``"mean"``,
+    ``"moments"``, ``"recalibrate"`` or ``None`` (see the module docstring). max_rows: rows (tokens or output
     positions) sampled per batch and layer. cache_mb: memory for the dense model's targets; fewer MB
     mean more dense passes. Both models run in eval mode and keep their modes.
 
