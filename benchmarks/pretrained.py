@@ -232,9 +232,9 @@ class Results:
                                    for r in self.data["latency"])
         return timed and all(self.has(**key, row=r) for r in rows)
 
-    def drop(self, names: set, keep_if) -> None:
-        """Forget the rows named ``names`` for which ``keep_if(row)`` is false (``--redo``)."""
-        self.data["rows"] = [r for r in self.data["rows"] if r["row"] not in names or keep_if(r)]
+    def drop(self, forget) -> None:
+        """Forget the rows for which ``forget(row)`` is true (``--redo``)."""
+        self.data["rows"] = [r for r in self.data["rows"] if not forget(r)]
 
     def add(self, row: dict) -> None:
         self.data["rows"].append(row)
@@ -414,6 +414,8 @@ def main(argv=None):
                                               "of this run, comma-separated names (e.g. '+ distillation')")
     p.add_argument("--out", default="pretrained")
     args = p.parse_args(argv)
+    if args.redo and not args.resume:
+        p.error("--redo recomputes rows of an existing results file: add --resume")
     if args.quick:
         args.models, args.macs, args.sparsity = "1", "0.8", "0.5"
         args.calib_views, args.eval_views, args.steps, args.batch = 2, 2, 2, 4
@@ -425,24 +427,22 @@ def main(argv=None):
     info = env_info()
     res = Results(RESULTS / f"{args.out}.json", args.resume, info)
     res.data["settings"] = {k: v for k, v in vars(args).items()}
+    variants = [int(v) for v in args.models.split(",")]
+    targets = {"structured": [float(t) for t in args.macs.split(",")] if args.only != "weights" else [],
+               "weights": [float(s) for s in args.sparsity.split(",")] if args.only != "structured" else []}
     if args.redo:
-        models = {f"efficientnet_lite{v}" for v in args.models.split(",")}
-        targets = {"structured": {float(t) for t in args.macs.split(",")} if args.only != "weights" else set(),
-                   "weights": {float(t) for t in args.sparsity.split(",")} if args.only != "structured" else set()}
-        res.drop({n.strip() for n in args.redo.split(",")},
-                 keep_if=lambda r: r["model"] not in models or r["target"] not in targets[r["kind"]])
+        redo, models = {n.strip() for n in args.redo.split(",")}, {f"efficientnet_lite{v}" for v in variants}
+        res.drop(lambda r: r["row"] in redo and r["model"] in models and r["target"] in targets[r["kind"]])
     started = time.perf_counter()
-    for variant in [int(v) for v in args.models.split(",")]:
+    for variant in variants:
         dense = load_efficientnet_lite(variant)
         data = Data(dense, args.calib_views, args.eval_views)
         dense_logits = logits(dense, data.eval)
         dense_macs = macs(dense, data.example)
-        if args.only != "weights":
-            for target in [float(t) for t in args.macs.split(",")]:
-                run_structured(variant, dense, data, dense_logits, dense_macs, target, args, res)
-        if args.only != "structured":
-            for sparsity in [float(s) for s in args.sparsity.split(",")]:
-                run_weights(variant, dense, data, dense_logits, sparsity, args, res)
+        for target in targets["structured"]:
+            run_structured(variant, dense, data, dense_logits, dense_macs, target, args, res)
+        for sparsity in targets["weights"]:
+            run_weights(variant, dense, data, dense_logits, sparsity, args, res)
     res.data["total_seconds"] = round(time.perf_counter() - started, 1)
     # a resumed file holds rows of several runs: keep every run's command
     res.data.setdefault("runs", []).append({"command": info["command"], "date": info["date"],

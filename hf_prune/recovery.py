@@ -268,10 +268,11 @@ def recover(model: nn.Module, teacher: nn.Module, images, *, steps: int = 300, l
     cosine decay. The default ``lr`` is low on purpose: on a pretrained EfficientNet-Lite, AdamW at 1e-4
     on a few off-domain photos moved even the dense model away from itself within 30 steps, while 2e-5
     kept it; raise it when the images are many and from the target domain. The model runs in eval mode
-    (dropout off, BatchNorm statistics frozen: a few hundred batches of a few photos would otherwise overwrite statistics estimated on the training set) unless
-    ``train_batchnorm=True``, which lets BatchNorms update their statistics. ``mixup=α > 0`` blends
-    each view with another one of its batch (weight ~ Beta(α, α)) before both models see it. Weight and
-    structured masks are enforced after every step.
+    (dropout off, BatchNorm statistics frozen: a few hundred batches of a few photos would otherwise
+    overwrite statistics estimated on the training set) unless ``train_batchnorm=True``, which lets
+    BatchNorms update their statistics. ``mixup=α > 0`` blends each view with another one of its batch
+    (weight ~ Beta(α, α)) before both models see it. Weight and structured masks are enforced after
+    every step.
 
     Returns ``{"steps", "loss_first", "loss_last" (mean of the last 10 steps), "seconds"}``.
     """
